@@ -1,0 +1,347 @@
+/*
+ * ferry test guest, CPL 3 part: the workloads. Runs natively under PVM.
+ * Every CPU works on its own slice of the workload region and prints its
+ * own lines (see docs/guest.md for the output protocol).
+ */
+#include "guest.h"
+
+struct percpu {
+	u64 base, pages;   /* this CPU's slice of the region */
+	u64 hb_seq, next_hb, last_hb_tsc;
+	u64 exit_tsc;
+	u64 last_tsc;      /* for the TSC monotonicity check */
+	u64 errors;
+	u64 reported;      /* FAIL lines printed (capped) */
+	u64 rng;
+};
+
+static struct percpu pc[MAX_CPUS];
+static volatile u32 exited;
+
+#define MAX_FAIL_LINES 50
+
+static u64 xorshift(u64 *s) {
+	u64 x = *s;
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	return *s = x;
+}
+
+static u64 mix(u64 z) {
+	z += 0x9e3779b97f4a7c15UL;
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9UL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebUL;
+	return z ^ (z >> 31);
+}
+
+static u64 tsc_per_ms(void) { return cfg.tsc_khz; }
+
+static void fail_line(u64 cpu, const char *what) {
+	struct percpu *c = &pc[cpu];
+	c->errors++;
+	if (c->reported++ >= MAX_FAIL_LINES) return;
+	con_lock();
+	con_puts("ferry-guest: FAIL");
+	con_kv("cpu", cpu);
+	con_puts(" what=");
+	con_puts(what);
+}
+
+static void fail_end(u64 cpu) {
+	if (pc[cpu].reported > MAX_FAIL_LINES) return;
+	con_puts("\n");
+	con_unlock();
+}
+
+/* check_tsc: the TSC must never go backwards on a CPU, across migration
+ * or save/restore included. */
+static u64 check_tsc(u64 cpu) {
+	u64 now = rdtsc();
+	struct percpu *c = &pc[cpu];
+	if (now < c->last_tsc) {
+		fail_line(cpu, "tsc");
+		if (c->reported <= MAX_FAIL_LINES) {
+			con_kv("prev", c->last_tsc);
+			con_kv("now", now);
+		}
+		fail_end(cpu);
+	}
+	c->last_tsc = now;
+	return now;
+}
+
+/* maybe_exit: honour exit_after=; the CPU that reaches it first reports
+ * and exits the VM with status 0 when no CPU saw an error, 1 otherwise. */
+static void maybe_exit(u64 cpu, u64 now) {
+	if (!cfg.exit_ms || now < pc[cpu].exit_tsc) return;
+	if (__atomic_exchange_n(&exited, 1, __ATOMIC_SEQ_CST)) {
+		for (;;) sys_idle();
+	}
+	u64 errs = 0;
+	for (u32 i = 0; i < cfg.ncpus; i++) errs += pc[i].errors;
+	con_lock();
+	con_puts("ferry-guest: exit");
+	con_kv("errors", errs);
+	con_kv("ms", (now - cfg.boot_tsc) / tsc_per_ms());
+	con_puts("\n");
+	con_unlock();
+	guest_exit(errs ? 1 : 0);
+}
+
+/* ---- idle ---- */
+
+static void run_idle(u64 cpu) {
+	struct percpu *c = &pc[cpu];
+	u64 hb_ticks = cfg.hb_ms < 1000 ? 1000 : cfg.hb_ms; /* idle beats at most once a second */
+	for (;;) {
+		sys_idle();
+		u64 now = check_tsc(cpu);
+		maybe_exit(cpu, now);
+		if (now >= c->next_hb) {
+			con_lock();
+			con_puts("ferry-guest: hb");
+			con_kv("cpu", cpu);
+			con_kv("seq", c->hb_seq++);
+			con_kv("tsc", now);
+			con_kv("pages", 0);
+			con_kv("rate", 0);
+			con_kv("worst_us", 0);
+			con_puts("\n");
+			con_unlock();
+			c->next_hb = now + hb_ticks * tsc_per_ms();
+		}
+	}
+}
+
+/* ---- dirty: the shape of Appmembench ---- */
+
+static u64 next_page(struct percpu *c, u64 *pos) {
+	switch (cfg.pattern) {
+	case P_SEQ:
+		if (++*pos >= c->pages) *pos = 0;
+		return *pos;
+	case P_RANDOM:
+		return xorshift(&c->rng) % c->pages;
+	default: { /* hotcold: 90% of writes to the hottest 10% of pages */
+		u64 r = xorshift(&c->rng);
+		u64 hot = c->pages / 10 ? c->pages / 10 : 1;
+		if (r % 10) return (r >> 8) % hot;
+		return (r >> 8) % c->pages;
+	}
+	}
+}
+
+#define DIRTY_CHUNK 256 /* pages per write pass */
+
+static void run_dirty(u64 cpu) {
+	struct percpu *c = &pc[cpu];
+	u64 rate = cfg.rate / cfg.ncpus; /* this CPU's share, bytes/s */
+	u64 pos = 0, stamp = 0;
+	u64 interval_pages = 0, worst = 0;
+	u64 start = rdtsc();
+	/* TSC ticks one chunk may take at the target rate. */
+	u64 chunk_ticks = rate ? DIRTY_CHUNK * 4096 * cfg.tsc_khz * 1000 / rate : 0;
+	u64 due = start;
+	c->last_hb_tsc = start;
+	for (;;) {
+		u64 t0 = rdtsc();
+		for (u64 j = 0; j < DIRTY_CHUNK; j++) {
+			u64 p = next_page(c, &pos);
+			/* A page write rewrites the whole page, so the rate the guest
+			 * reports is real memory bandwidth and the page changes fully. */
+			u64 *w = (u64 *)(c->base + p * 4096);
+			u64 v = stamp++ ^ (p << 20);
+			for (int k = 0; k < 512; k++) w[k] = v + (u64)k;
+		}
+		u64 t1 = check_tsc(cpu);
+		if (t1 - t0 > worst) worst = t1 - t0;
+		interval_pages += DIRTY_CHUNK;
+		if (rate) {
+			/* Pace to the target rate. After a long stall (a pause, a
+			 * migration) do not burst to catch up: resume the pace. */
+			due += chunk_ticks;
+			if (t1 > due + cfg.hb_ms * tsc_per_ms()) due = t1;
+			while (rdtsc() < due) {
+				if (rdtsc() >= c->next_hb) break;
+				cpu_relax();
+			}
+		}
+		u64 now = check_tsc(cpu);
+		maybe_exit(cpu, now);
+		if (now >= c->next_hb) {
+			u64 dt = now - c->last_hb_tsc;
+			u64 dt_us = dt * 1000 / cfg.tsc_khz;
+			u64 bps = dt_us ? interval_pages * 4096 * 1000000 / dt_us : 0;
+			con_lock();
+			con_puts("ferry-guest: hb");
+			con_kv("cpu", cpu);
+			con_kv("seq", c->hb_seq++);
+			con_kv("tsc", now);
+			con_kv("pages", interval_pages);
+			con_kv("rate", bps);
+			con_kv("worst_us", worst * 1000 / cfg.tsc_khz);
+			con_puts("\n");
+			con_unlock();
+			interval_pages = 0;
+			worst = 0;
+			c->last_hb_tsc = now;
+			c->next_hb = now + cfg.hb_ms * tsc_per_ms();
+		}
+	}
+}
+
+/* ---- verify: the oracle every migration test relies on ---- */
+
+/* Word i of page p (global page number) at generation g. */
+static inline u64 expect_word(u64 p, u32 g, u64 i) { return mix((p << 32) ^ ((u64)g << 9) ^ i ^ cfg.seed); }
+
+static void fill_page(u64 *w, u64 p, u32 g) {
+	for (u64 i = 0; i < 512; i++) w[i] = expect_word(p, g, i);
+}
+
+static int check_page(u64 cpu, const u64 *w, u64 p, u32 g) {
+	int bad = 0;
+	for (u64 i = 0; i < 512; i++) {
+		u64 want = expect_word(p, g, i);
+		if (w[i] != want) {
+			bad = 1;
+			fail_line(cpu, "mem");
+			if (pc[cpu].reported <= MAX_FAIL_LINES) {
+				con_kvx("page", p);
+				con_kvx("gpa", (u64)&w[i]);
+				con_kvx("offset", i * 8);
+				con_kv("gen", g);
+				con_kvx("expected", want);
+				con_kvx("found", w[i]);
+			}
+			fail_end(cpu);
+		}
+	}
+	return bad;
+}
+
+static const char *reg_names[10] = {"rbx", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"};
+
+static void soak_registers(u64 cpu, u64 round, u64 spins) {
+	static u64 expect[MAX_CPUS][10 + 64], got[MAX_CPUS][10 + 64];
+	u64 *e = expect[cpu], *g = got[cpu];
+	for (int i = 0; i < 10 + 64; i++) {
+		e[i] = mix((cpu << 56) ^ (round << 8) ^ (u64)i ^ cfg.seed);
+		g[i] = 0;
+	}
+	reg_soak(e, g, spins, (u64)cfg.have_avx);
+	for (int i = 0; i < 10 + 64; i++) {
+		int vec = i >= 10, lane = (i - 10) % 4;
+		if (vec && !cfg.have_avx && lane >= 2) continue; /* SSE only: low 128 bits */
+		if (e[i] == g[i]) continue;
+		fail_line(cpu, "reg");
+		if (pc[cpu].reported <= MAX_FAIL_LINES) {
+			con_puts(" reg=");
+			if (!vec) con_puts(reg_names[i]);
+			else {
+				con_puts(cfg.have_avx ? "ymm" : "xmm");
+				con_putdec((u64)(i - 10) / 4);
+				con_puts(".q");
+				con_putdec((u64)lane);
+			}
+			con_kv("round", round);
+			con_kvx("expected", e[i]);
+			con_kvx("found", g[i]);
+		}
+		fail_end(cpu);
+	}
+}
+
+static void run_verify(u64 cpu) {
+	struct percpu *c = &pc[cpu];
+	/* Generation table first, data pages after it. */
+	u32 *gen = (u32 *)c->base;
+	u64 gen_pages = (c->pages * 4 + 4095) / 4096;
+	if (c->pages <= gen_pages + 1) {
+		con_lock();
+		con_puts("ferry-guest: FAIL what=config size too small for verify\n");
+		con_unlock();
+		guest_exit(2);
+	}
+	u64 npages = c->pages - gen_pages;
+	u64 data = c->base + gen_pages * 4096;
+	u64 first = (c->base - cfg.region_base) / 4096; /* global page number base */
+	for (u64 p = 0; p < npages; p++) {
+		gen[p] = 0;
+		fill_page((u64 *)(data + p * 4096), first + p, 0);
+	}
+	/* The register soak spins ~2 ms per round: long enough that interrupts,
+	 * pauses and migrations land inside it. */
+	u64 spins = cfg.tsc_khz * 2;
+	u64 cursor = 0, passes = 0, checked = 0, mutated = 0, round = 0;
+	c->last_hb_tsc = rdtsc();
+	for (;;) {
+		/* Mutate a few pages: a new generation each time. */
+		for (int k = 0; k < 16; k++) {
+			u64 p = xorshift(&c->rng) % npages;
+			u32 g = gen[p] + 1;
+			fill_page((u64 *)(data + p * 4096), first + p, g);
+			gen[p] = g;
+			mutated++;
+		}
+		/* Verify the next stretch of the sweep; a full sweep is a pass. */
+		for (int k = 0; k < 256; k++) {
+			check_page(cpu, (const u64 *)(data + cursor * 4096), first + cursor, gen[cursor]);
+			checked++;
+			if (++cursor == npages) {
+				cursor = 0;
+				passes++;
+			}
+		}
+		soak_registers(cpu, round++, spins);
+		u64 now = check_tsc(cpu);
+		maybe_exit(cpu, now);
+		if (now >= c->next_hb) {
+			con_lock();
+			con_puts("ferry-guest: verify");
+			con_kv("cpu", cpu);
+			con_kv("seq", c->hb_seq++);
+			con_kv("tsc", now);
+			con_kv("passes", passes);
+			con_kv("checked", checked);
+			con_kv("mutated", mutated);
+			con_kv("regs", round);
+			con_kv("errors", c->errors);
+			con_puts("\n");
+			con_unlock();
+			c->last_hb_tsc = now;
+			c->next_hb = now + cfg.hb_ms * tsc_per_ms();
+		}
+	}
+}
+
+void user_main(u64 cpu) {
+	struct percpu *c = &pc[cpu];
+	u64 slice = (cfg.region_size / cfg.ncpus) & ~0xfffUL;
+	c->base = cfg.region_base + cpu * slice;
+	c->pages = slice / 4096;
+	c->rng = mix(cfg.seed ^ (cpu + 1)) | 1;
+	c->last_tsc = rdtsc();
+	c->next_hb = c->last_tsc + cfg.hb_ms * tsc_per_ms();
+	c->exit_tsc = cfg.boot_tsc + cfg.exit_ms * tsc_per_ms();
+	if (c->pages == 0 && cfg.workload != W_IDLE) {
+		con_lock();
+		con_puts("ferry-guest: FAIL what=config no memory for the workload\n");
+		con_unlock();
+		guest_exit(2);
+	}
+	con_lock();
+	con_puts("ferry-guest: start");
+	con_kv("cpu", cpu);
+	con_puts(cfg.workload == W_DIRTY ? " workload=dirty" : cfg.workload == W_VERIFY ? " workload=verify" : " workload=idle");
+	con_kvx("base", c->base);
+	con_kv("pages", c->pages);
+	con_puts("\n");
+	con_unlock();
+	switch (cfg.workload) {
+	case W_DIRTY: run_dirty(cpu); break;
+	case W_VERIFY: run_verify(cpu); break;
+	default: run_idle(cpu);
+	}
+}

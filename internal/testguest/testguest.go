@@ -1,0 +1,73 @@
+// Package testguest gives tests the bundled test guest (built from guest/
+// with make on first use) and the KVM gate: tests that need /dev/kvm call
+// RequireKVM, which skips with the reason where KVM is absent and counts
+// the tests that did run, for .ci/run's report.
+//
+// It is used only by tests and the benchmark harness; it must not be
+// imported by production packages.
+package testguest
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"testing"
+
+	"github.com/ferry-vmm/ferry/internal/kvm"
+)
+
+// RepoRoot is the repository's top directory, found from this file's path.
+func RepoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+var (
+	buildOnce sync.Once
+	buildErr  error
+	imagePath string
+)
+
+// Build makes the guest image (make -C guest) and returns its path.
+func Build() (string, error) {
+	buildOnce.Do(func() {
+		root := RepoRoot()
+		cmd := exec.Command("make", "-s", "-C", filepath.Join(root, "guest"))
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("building the test guest: %v\n%s", err, out)
+			return
+		}
+		imagePath = filepath.Join(root, "build", "guest", "ferry-guest.elf")
+	})
+	return imagePath, buildErr
+}
+
+// Image returns the guest image bytes, failing the test if it cannot be
+// built.
+func Image(t testing.TB) []byte {
+	t.Helper()
+	p, err := Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// RequireKVM skips the test when /dev/kvm cannot be used, and otherwise
+// records that a KVM test ran: it prints a "KVM-TEST-RAN" marker that
+// .ci/run counts.
+func RequireKVM(t testing.TB) {
+	t.Helper()
+	if err := kvm.Available(); err != nil {
+		t.Skipf("skipping: needs /dev/kvm: %v", err)
+	}
+	t.Logf("KVM-TEST-RAN %s", t.Name())
+}

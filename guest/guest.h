@@ -15,7 +15,7 @@
 
 /* Interrupt vectors. */
 #define VEC_TIMER 0x30
-#define VEC_SYSCALL 0x80
+#define VEC_SYSCALL 0x90 /* not 0x80: PVM reserves int $0x80 from CPL 3 */
 #define VEC_SPURIOUS 0xff
 
 /* AP trampoline: real-mode entry at TRAMP_BASE (SIPI vector TRAMP_BASE>>12). */

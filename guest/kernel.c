@@ -71,7 +71,7 @@ struct config cfg;
 static char cmdline[1024];
 
 extern u64 stub_table[32];
-extern char stub_timer[], stub_syscall[], stub_spurious[];
+extern char stub_timer[], stub_syscall[], stub_spurious[], sys_idle_ud[];
 extern char tramp_start[], tramp_end[], tramp_cr3[];
 extern char __image_end[];
 
@@ -255,6 +255,12 @@ void trap(struct trap_frame *f) {
 		return;
 	}
 	if (f->vec == VEC_SPURIOUS) return;
+	if (f->vec == 6 && f->rip == (u64)sys_idle_ud && (f->cs & 3) == 3) {
+		/* The CPL 3 idle call (see boot.S): wait for an interrupt. */
+		f->rip += 2;
+		__asm__ volatile("sti; hlt; cli");
+		return;
+	}
 	con_lock();
 	con_puts("ferry-guest: EXCEPTION");
 	con_kv("cpu", cpu_index());
@@ -347,6 +353,33 @@ static void lapic_init(u64 apic_hz) {
 
 static u64 apic_hz;
 
+/* pvclock_vcpu_time_info, filled by KVM once MSR_KVM_SYSTEM_TIME_NEW points
+ * at it. Its TSC-to-nanoseconds scale gives the TSC frequency on any KVM
+ * host, without relying on a PIT speaker port (QEMU's microvm has none). */
+static struct {
+	u32 version, pad0;
+	u64 tsc_timestamp, system_time;
+	u32 tsc_to_system_mul;
+	signed char tsc_shift;
+	u8 flags, pad[2];
+} pvclock __attribute__((aligned(64)));
+
+static u64 kvmclock_tsc_khz(void) {
+	u32 a, b, c, d;
+	cpuid(0x40000000, 0, &a, &b, &c, &d);
+	if (b != 0x4b4d564b || a < 0x40000001) return 0; /* "KVMK" */
+	cpuid(0x40000001, 0, &a, &b, &c, &d);
+	if (!(a & (1 << 3))) return 0; /* KVM_FEATURE_CLOCKSOURCE2 */
+	wrmsr(0x4b564d01, (u64)&pvclock | 1);
+	for (int i = 0; i < 1000000 && !pvclock.tsc_to_system_mul; i++) cpu_relax();
+	wrmsr(0x4b564d01, 0);
+	if (!pvclock.tsc_to_system_mul) return 0;
+	u64 khz = (1000000UL << 32) / pvclock.tsc_to_system_mul;
+	if (pvclock.tsc_shift > 0) khz >>= pvclock.tsc_shift;
+	else khz <<= -pvclock.tsc_shift;
+	return khz;
+}
+
 static void calibrate(void) {
 	u32 a, b, c, d;
 	cpuid(0x40000000, 0, &a, &b, &c, &d);
@@ -354,6 +387,7 @@ static void calibrate(void) {
 		cpuid(0x40000010, 0, &a, &b, &c, &d);
 		if (a) { cfg.tsc_khz = a; apic_hz = (u64)b * 1000; }
 	}
+	if (!cfg.tsc_khz) cfg.tsc_khz = kvmclock_tsc_khz();
 	if (!cfg.tsc_khz) {
 		/* PIT channel 2, mode 0, 10 ms, gate through port 0x61. */
 		outb(0x61, (u8)((inb(0x61) & ~0x02) | 0x01));
@@ -365,6 +399,8 @@ static void calibrate(void) {
 		for (u64 i = 0; i < 10000000 && !(inb(0x61) & 0x20); i++) ;
 		cfg.tsc_khz = (rdtsc() - t0) / 10;
 	}
+	cpuid(0x40000000, 0, &a, &b, &c, &d);
+	if (!apic_hz && b == 0x4b4d564b) apic_hz = 1000000000; /* KVM's LAPIC timer: 1 ns per count */
 	if (!apic_hz) {
 		/* Count the LAPIC timer down over 10 ms of TSC. */
 		lapic_write(0x3e0, 0xb);

@@ -104,6 +104,7 @@ static void run_idle(u64 cpu) {
 			con_kv("cpu", cpu);
 			con_kv("seq", c->hb_seq++);
 			con_kv("tsc", now);
+			con_kv("ms", (now - cfg.boot_tsc) / tsc_per_ms());
 			con_kv("pages", 0);
 			con_kv("rate", 0);
 			con_kv("worst_us", 0);
@@ -178,6 +179,7 @@ static void run_dirty(u64 cpu) {
 			con_kv("cpu", cpu);
 			con_kv("seq", c->hb_seq++);
 			con_kv("tsc", now);
+			con_kv("ms", (now - cfg.boot_tsc) / tsc_per_ms());
 			con_kv("pages", interval_pages);
 			con_kv("rate", bps);
 			con_kv("worst_us", worst * 1000 / cfg.tsc_khz);
@@ -271,14 +273,14 @@ static void run_verify(u64 cpu) {
 		gen[p] = 0;
 		fill_page((u64 *)(data + p * 4096), first + p, 0);
 	}
-	/* The register soak spins ~2 ms per round: long enough that interrupts,
-	 * pauses and migrations land inside it. */
-	u64 spins = cfg.tsc_khz * 2;
+	/* The register soak spins ~1 ms per round (about half the time): long
+	 * enough that interrupts, pauses and migrations land inside it. */
+	u64 spins = cfg.tsc_khz;
 	u64 cursor = 0, passes = 0, checked = 0, mutated = 0, round = 0;
 	c->last_hb_tsc = rdtsc();
 	for (;;) {
 		/* Mutate a few pages: a new generation each time. */
-		for (int k = 0; k < 16; k++) {
+		for (int k = 0; k < 64; k++) {
 			u64 p = xorshift(&c->rng) % npages;
 			u32 g = gen[p] + 1;
 			fill_page((u64 *)(data + p * 4096), first + p, g);
@@ -286,7 +288,7 @@ static void run_verify(u64 cpu) {
 			mutated++;
 		}
 		/* Verify the next stretch of the sweep; a full sweep is a pass. */
-		for (int k = 0; k < 256; k++) {
+		for (int k = 0; k < 1024; k++) {
 			check_page(cpu, (const u64 *)(data + cursor * 4096), first + cursor, gen[cursor]);
 			checked++;
 			if (++cursor == npages) {
@@ -303,6 +305,7 @@ static void run_verify(u64 cpu) {
 			con_kv("cpu", cpu);
 			con_kv("seq", c->hb_seq++);
 			con_kv("tsc", now);
+			con_kv("ms", (now - cfg.boot_tsc) / tsc_per_ms());
 			con_kv("passes", passes);
 			con_kv("checked", checked);
 			con_kv("mutated", mutated);

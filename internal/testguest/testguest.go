@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 
@@ -70,4 +71,52 @@ func RequireKVM(t testing.TB) {
 		t.Skipf("skipping: needs /dev/kvm: %v", err)
 	}
 	t.Logf("KVM-TEST-RAN %s", t.Name())
+}
+
+// LinuxGuest is the Debian kernel and initramfs prepared by
+// scripts/linux-guest.sh (make linux-guest).
+type LinuxGuest struct {
+	VMLinux string // uncompressed ELF with PVH note
+	VMLinuz string // bzImage
+	Initrd  string
+}
+
+var (
+	linuxOnce sync.Once
+	linuxErr  error
+	linux     LinuxGuest
+)
+
+// Linux prepares (downloads on first use) and returns the Linux guest.
+func Linux() (LinuxGuest, error) {
+	linuxOnce.Do(func() {
+		root := RepoRoot()
+		out := filepath.Join(root, "build", "linux")
+		cmd := exec.Command(filepath.Join(root, "scripts", "linux-guest.sh"), out)
+		if b, err := cmd.CombinedOutput(); err != nil {
+			linuxErr = fmt.Errorf("preparing the Linux guest (scripts/linux-guest.sh): %v\n%s", err, b)
+			return
+		}
+		linux = LinuxGuest{
+			VMLinux: filepath.Join(out, "vmlinux"),
+			VMLinuz: filepath.Join(out, "vmlinuz"),
+			Initrd:  filepath.Join(out, "initrd.cpio.gz"),
+		}
+	})
+	return linux, linuxErr
+}
+
+// HardwareVirtualization reports whether the host CPU advertises VMX or
+// SVM. Without them (PVM), guest kernel code is emulated and slow.
+func HardwareVirtualization() bool {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return false
+	}
+	for _, f := range strings.Fields(string(b)) {
+		if f == "vmx" || f == "svm" {
+			return true
+		}
+	}
+	return false
 }

@@ -31,7 +31,7 @@ import (
 const (
 	COM1Port   = 0x3f8
 	COM1IRQ    = 4
-	ExitPort   = 0xf4 // ferry's guest exit device; QEMU's isa-debug-exit iobase
+	ExitPort   = devices.ControlPort
 	i8042Data  = 0x60
 	i8042Cmd   = 0x64
 	cmosPort   = 0x70
@@ -435,3 +435,8 @@ func (v *VM) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// VCPU returns vCPU i's KVM handle, for reading and writing its state while
+// the VM is paused (KVM serialises vCPU ioctls, and a parked vCPU thread
+// makes none).
+func (v *VM) VCPU(i int) *kvm.VCPU { return v.cpus[i].kvm }

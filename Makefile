@@ -1,0 +1,48 @@
+# ferry: the two commands the README names are `make demo` and `make test`.
+# Everything they need (Debian packages, Go modules, the test guest, the
+# Linux guest) is installed or built from here.
+
+GO        ?= go
+STATICCHECK_VERSION := v0.8.2
+APT_PACKAGES := gcc make linux-libc-dev qemu-system-x86 iproute2
+BIN       := bin
+
+.PHONY: all ferry guest linux-guest setup deps test lint demo clean
+
+all: ferry guest
+
+# Debian packages: installed only when missing, so repeated runs are quick.
+deps:
+	@scripts/install-deps.sh $(APT_PACKAGES)
+
+ferry:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ferry ./cmd/ferry
+
+guest:
+	@$(MAKE) -s -C guest OUT=$(CURDIR)/build/guest
+	@mkdir -p $(BIN)
+	@cp build/guest/ferry-guest.elf $(BIN)/ferry-guest.elf
+
+linux-guest:
+	@scripts/linux-guest.sh build/linux
+
+setup: deps all
+
+lint:
+	@test -z "$$(gofmt -l cmd internal scripts)" || { echo "gofmt needed:"; gofmt -l cmd internal scripts; exit 1; }
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+
+# The test command: set-up, lint, then every test with a count of the KVM tests.
+test: setup linux-guest lint
+	@scripts/test.sh
+
+# The main job. For now: boot the test guest with the dirty workload and
+# show its heartbeats for a few seconds (the live-migration demo replaces it).
+demo: setup
+	$(BIN)/ferry run --guest test --mem 512M --cpus 2 \
+		--cmdline "workload=dirty size=256M rate=200M pattern=random exit_after=5s"
+
+clean:
+	rm -rf $(BIN) build

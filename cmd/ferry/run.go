@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ferry-vmm/ferry/internal/control"
 	"github.com/ferry-vmm/ferry/internal/units"
 	"github.com/ferry-vmm/ferry/internal/vmm"
 )
@@ -25,6 +26,7 @@ type runFlags struct {
 	cmdline string
 	mem     string
 	cpus    int
+	name    string
 	verbose bool
 }
 
@@ -45,6 +47,7 @@ func newRunCmd() *cobra.Command {
 	fl.StringVar(&f.cmdline, "cmdline", "", "kernel command line (for the test guest: its workload options)")
 	fl.StringVar(&f.mem, "mem", "512M", "guest memory (K, M, G suffixes; multiple of 2 MiB)")
 	fl.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
+	fl.StringVar(&f.name, "name", "", "VM name for `ferry save --vm NAME` and friends (default vm-PID)")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log VMM events to stderr")
 	return cmd
 }
@@ -68,11 +71,7 @@ func runVM(cmd *cobra.Command, f runFlags) error {
 			return fmt.Errorf("reading initrd: %w", err)
 		}
 	}
-	level := slog.LevelWarn
-	if f.verbose {
-		level = slog.LevelDebug
-	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	logger := newLogger(f.verbose)
 	vm, err := vmm.New(vmm.Config{
 		MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: f.cmdline,
 		Console: cmd.OutOrStdout(), Logger: logger,
@@ -81,7 +80,22 @@ func runVM(cmd *cobra.Command, f runFlags) error {
 		return err
 	}
 	defer vm.Close()
+	return runForeground(cmd, vm, f.name, logger)
+}
 
+// runForeground serves the VM's control socket, runs it with the console on
+// stdio until it ends or Ctrl-C, and reports how it ended.
+func runForeground(cmd *cobra.Command, vm *vmm.VM, name string, logger *slog.Logger) error {
+	if name == "" {
+		name = fmt.Sprintf("vm-%d", os.Getpid())
+	}
+	sock := control.SocketPath(name)
+	srv, err := control.Serve(sock, name, vm, logger)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	fmt.Fprintf(cmd.ErrOrStderr(), "ferry: VM %q running, control socket %s\n", name, sock)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	go forwardInput(os.Stdin, vm)
@@ -151,4 +165,12 @@ func findTestGuest() (string, error) {
 		}
 	}
 	return "", fmt.Errorf("test guest image not found (looked in %v); build it with `make`", candidates)
+}
+
+func newLogger(verbose bool) *slog.Logger {
+	level := slog.LevelWarn
+	if verbose {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 }

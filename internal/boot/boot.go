@@ -31,13 +31,17 @@ import (
 
 // Fixed guest-physical layout of the structures the loader writes below
 // 1 MiB. None of them overlap; a kernel segment or an initrd that would
-// overlap any of them is refused.
+// overlap any of the reserved ranges below is refused (both boot modes
+// reserve all of them). ELF segments may use the gaps between them:
+// [0x1000, 0x7000), [0xF000, 0x20000) and [0x30000, 0x9FC00).
 //
 //	start     end (excl.)  contents
-//	0x00000   0x00500      real-mode IVT and BIOS data area (the loader sets
-//	                       the BDA's EBDA segment at 0x40E and base memory
-//	                       size at 0x413 so the MP table is found)
-//	0x00500   0x00520      GDT: null, null, code (0x10), data (0x18)
+//	0x00000   0x01000      reserved page:
+//	  0x00000   0x00400      real-mode IVT (left zero)
+//	  0x00400   0x00500      BIOS data area: the loader sets the EBDA
+//	                         segment (0x40E) and base memory size (0x413)
+//	                         so guests find the MP table
+//	  0x00500   0x00520      GDT: null, null, code (0x10), data (0x18)
 //	0x07000   0x08000      zero page (Linux boot_params, 4 KiB), or for PVH:
 //	                         0x7000 hvm_start_info (56 bytes)
 //	                         0x7040 hvm_modlist_entry[1] (initrd)

@@ -8,7 +8,20 @@ import (
 	"github.com/ferry-vmm/ferry/internal/guestmem"
 )
 
+// fuzzSeeds are small valid and invalid images. They are kept small
+// because the fuzzer's minimizer is quadratic in the input length; run
+// with -fuzzminimizetime=5s or so all the same.
 func fuzzSeeds() [][]byte {
+	small := func(class, noteSize int) []byte {
+		return buildELF(elfSpec{
+			class: class,
+			segs: []elfSeg{
+				{paddr: 0x100000, data: pattern(0x40, 0x11)},
+				{paddr: 0x200000, data: pattern(0x20, 0x22), memsz: 0x1000},
+			},
+			notes: pvhNote(0x100010, noteSize),
+		})
+	}
 	noteSec := buildELF(elfSpec{
 		class:       32,
 		segs:        []elfSeg{{paddr: 0x100000, data: pattern(0x200, 1), memsz: 0x1000}},
@@ -16,19 +29,20 @@ func fuzzSeeds() [][]byte {
 		noteSection: true,
 	})
 	lowSeg := buildELF(elfSpec{
-		segs:  []elfSeg{{paddr: 0x10000, data: pattern(0x100, 1)}, {paddr: 0x3f00000, data: pattern(0x100, 2), memsz: 0x100000}},
+		segs:  []elfSeg{{paddr: 0x10000, data: pattern(0x100, 1)}, {paddr: 0xf00000, data: pattern(0x100, 2), memsz: 0x100000}},
 		notes: append(note("GNU", 3, pattern(20, 3)), pvhNote(0x10000, 4)...),
 	})
 	bz := defaultBz()
+	bz.pref = 0x400000 // fits in the fuzzing guest's 16 MiB
 	bz.kernel = pattern(0x300, 4)
-	small := buildBz(bz)
+	smallBz := buildBz(bz)
 	bz.relocatable = false
 	bz.setupSects = 0
 	nonReloc := buildBz(bz)
 	bz.version = 0x0206
 	old := buildBz(bz)
 	return [][]byte{
-		simpleELF(64), simpleELF(32), noteSec, lowSeg, small, nonReloc, old,
+		small(64, 8), small(32, 4), noteSec, lowSeg, smallBz, nonReloc, old,
 		nil, []byte("\x7fELF"), []byte("garbage"),
 	}
 }
@@ -61,14 +75,14 @@ var (
 	fuzzInitrd  []byte
 )
 
-const fuzzMemSize = 64 << 20
+const fuzzMemSize = guestmem.MinSize
 
 // sharedFuzzMem returns the process's fuzzing memory, locked; call the
 // returned function to unlock it.
 func sharedFuzzMem(t *testing.T) (*guestmem.Memory, func()) {
 	fuzzMemOnce.Do(func() {
 		fuzzMem, fuzzMemErr = guestmem.New(fuzzMemSize)
-		fuzzInitrd = make([]byte, 64<<20)
+		fuzzInitrd = make([]byte, fuzzMemSize)
 	})
 	if fuzzMemErr != nil {
 		t.Fatal(fuzzMemErr)
@@ -112,12 +126,12 @@ func FuzzLoad(f *testing.F) {
 	for i, s := range fuzzSeeds() {
 		f.Add(s, uint16(i*3), "console=ttyS0", uint8(i))
 	}
-	f.Add(simpleELF(64), uint16(60<<10), "", uint8(200))
+	f.Add(fuzzSeeds()[0], uint16(12<<10), "", uint8(200))
 	f.Fuzz(func(t *testing.T, kernel []byte, initrdKiB uint16, cmdline string, cpus uint8) {
 		mem, unlock := sharedFuzzMem(t)
 		defer unlock()
 
-		// Initrd sizes from 0 to 64 MiB in 1 KiB steps (odd sizes too).
+		// Initrd sizes from 0 to the RAM size in 1 KiB steps (odd sizes too).
 		n := int(initrdKiB) * 1024
 		if n > len(fuzzInitrd) {
 			n = len(fuzzInitrd)
@@ -148,7 +162,7 @@ func FuzzLoad(f *testing.F) {
 // placement, on an otherwise well-formed bzImage.
 func FuzzLoadBzImageHeader(f *testing.F) {
 	d := defaultBz()
-	f.Add(d.version, d.setupSects, d.jump, d.loadflags, d.xloadflags, d.relocatable, d.align, d.pref, d.initSize, d.cmdlineSize, d.initrdMax, uint16(0x40), uint32(0), uint16(0), uint8(1))
+	f.Add(d.version, d.setupSects, d.jump, d.loadflags, d.xloadflags, d.relocatable, d.align, uint64(0x400000), d.initSize, d.cmdlineSize, d.initrdMax, uint16(0x40), uint32(0), uint16(0), uint8(1))
 	f.Add(d.version, uint8(0), d.jump, d.loadflags, d.xloadflags, false, d.align, uint64(0), uint32(0x3000000), uint32(10), uint32(0x37FFFFFF), uint16(0x1000), uint32(5<<20), uint16(10), uint8(41))
 	f.Add(uint16(0x020C), uint8(1), uint8(0x62), uint8(0x81), uint16(1), true, uint32(0), uint64(0x100000), uint32(0), uint32(0), uint32(0xFFFFFFFF), uint16(1), uint32(60<<20), uint16(0), uint8(0))
 	f.Fuzz(func(t *testing.T, version uint16, sects, jump, loadflags uint8, xlf uint16, reloc bool,
@@ -186,7 +200,7 @@ func FuzzLoadBzImageHeader(f *testing.F) {
 // well-formed PVH ELF.
 func FuzzLoadELFSegments(f *testing.F) {
 	f.Add(true, uint64(0x100000), uint16(0x3000), uint64(0x3000), uint64(0x200000), uint16(0x800), uint64(0x5000), uint64(0x100010), uint8(4), uint32(10000), uint8(2))
-	f.Add(false, uint64(0x10000), uint16(0x100), uint64(0x100), uint64(0x3f00000), uint16(0x100), uint64(0x100000), uint64(0x10000), uint8(8), uint32(0), uint8(0))
+	f.Add(false, uint64(0x10000), uint16(0x100), uint64(0x100), uint64(0xf00000), uint16(0x100), uint64(0x100000), uint64(0x10000), uint8(8), uint32(0), uint8(0))
 	f.Add(true, uint64(0x9f000), uint16(0x100), uint64(0x100), uint64(0xffffffffffff0000), uint16(0), uint64(0x20000), uint64(0x9f000), uint8(8), uint32(1<<20), uint8(99))
 	f.Fuzz(func(t *testing.T, elf64 bool, p0 uint64, f0 uint16, m0, p1 uint64, f1 uint16, m1, entry uint64, noteSize uint8, initrdLen uint32, cpus uint8) {
 		mem, unlock := sharedFuzzMem(t)

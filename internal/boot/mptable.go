@@ -17,6 +17,14 @@ const (
 	LocalAPICAddr = 0xFEE0_0000
 	IOAPICAddr    = 0xFEC0_0000
 
+	// TimerIOAPICPin is the IOAPIC pin the table gives ISA IRQ 0 (the
+	// PIT), as on PCs. KVM's default GSI routing sends GSI 0 to pin 0, so
+	// a VMM following this table routes GSI 0 to this pin
+	// (KVM_SET_GSI_ROUTING, as QEMU does); otherwise Linux reports "8254
+	// timer not connected to IO-APIC" and falls back to the ExtINT entry
+	// on pin 0 or to LAPIC virtual wire mode.
+	TimerIOAPICPin = 2
+
 	// MPMaxCPUs is the most processors the table can describe: APIC IDs
 	// are 8 bits, 0xFF is the broadcast ID and the IOAPIC takes the ID
 	// after the last processor.
@@ -143,9 +151,9 @@ func buildMPTable(cpus int) (mpf, mpc []byte, mpcAddr uint64, err error) {
 		entries++
 	}
 	ioint(mpIntExtINT, 0, mpIOAPICPin0)
-	ioint(mpIntINT, 0, 2)
+	ioint(mpIntINT, 0, TimerIOAPICPin)
 	for irq := uint8(1); irq < 16; irq++ {
-		if irq != 2 {
+		if irq != 2 { // the 8259 cascade
 			ioint(mpIntINT, irq, irq)
 		}
 	}

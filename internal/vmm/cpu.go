@@ -79,15 +79,6 @@ func flatSegment(sel uint16, code, long bool) kvm.Segment {
 	return s
 }
 
-const (
-	cr0PE   = 1 << 0
-	cr0ET   = 1 << 4
-	cr0PG   = 1 << 31
-	cr4PAE  = 1 << 5
-	eferLME = 1 << 8
-	eferLMA = 1 << 10
-)
-
 // entryState turns the loader's description of the boot CPU into KVM
 // register values.
 func entryState(e *boot.Entry, sregs kvm.Sregs) (kvm.Regs, kvm.Sregs, error) {
@@ -101,20 +92,15 @@ func entryState(e *boot.Entry, sregs kvm.Sregs) (kvm.Regs, kvm.Sregs, error) {
 		code := flatSegment(e.CodeSelector, true, false)
 		data := flatSegment(e.DataSelector, false, false)
 		sregs.CS, sregs.DS, sregs.ES, sregs.FS, sregs.GS, sregs.SS = code, data, data, data, data, data
-		sregs.CR0 = cr0PE | cr0ET
-		sregs.CR4 = 0
-		sregs.EFER = 0
 	case boot.ModeLinux64:
 		code := flatSegment(e.CodeSelector, true, true)
 		data := flatSegment(e.DataSelector, false, false)
 		sregs.CS, sregs.DS, sregs.ES, sregs.FS, sregs.GS, sregs.SS = code, data, data, data, data, data
 		sregs.CR3 = e.CR3
-		sregs.CR4 = cr4PAE
-		sregs.CR0 = cr0PE | cr0ET | cr0PG
-		sregs.EFER = eferLME | eferLMA
 	default:
 		return regs, sregs, fmt.Errorf("unknown boot mode %d", e.Mode)
 	}
+	sregs.CR0, sregs.CR4, sregs.EFER = e.CR0, e.CR4, e.EFER
 	return regs, sregs, nil
 }
 

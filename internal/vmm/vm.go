@@ -52,6 +52,8 @@ type Config struct {
 	Cmdline string
 	Console io.Writer // serial output; nil discards
 	Logger  *slog.Logger
+
+	forRestore bool // set by NewForRestore: no kernel, state applied later
 }
 
 // ExitReason says why a VM stopped without a VMM error.
@@ -96,6 +98,11 @@ type VM struct {
 	kvm  *kvm.VM
 	mem  *guestmem.Memory
 	cpus []*vcpu
+
+	hostCPUID []kvm.CPUIDEntry // vCPU 0's effective CPUID on this host
+	msrList   []uint32         // saveable MSRs, probed on first capture
+
+	restoreWarnings []string
 
 	PIO  devices.Bus
 	MMIO devices.Bus
@@ -154,6 +161,10 @@ func (v *VM) build() error {
 	}
 	if err := v.setupPlatform(); err != nil {
 		return err
+	}
+	if v.cfg.forRestore {
+		// Memory and registers come from a saved state; nothing to load.
+		return v.createVCPUs(nil)
 	}
 	entry, err := boot.Load(v.mem, boot.Options{
 		Kernel: v.cfg.Kernel, Initrd: v.cfg.Initrd, Cmdline: v.cfg.Cmdline, CPUs: v.cfg.CPUs,
@@ -244,11 +255,19 @@ func (v *VM) createVCPUs(entry *boot.Entry) error {
 		if err := c.SetCPUID2(guestCPUID(supported, id, v.cfg.CPUs, khz)); err != nil {
 			return err
 		}
+		if id == 0 {
+			// What KVM actually gives a vCPU on this host: the reference for
+			// admitting saved or migrating guests. (Under PVM it holds more
+			// than KVM_GET_SUPPORTED_CPUID reports.)
+			if v.hostCPUID, err = c.GetCPUID2(); err != nil {
+				return err
+			}
+		}
 		if err := setupLAPIC(c); err != nil {
 			return err
 		}
-		if id != 0 {
-			continue // application processors wait for INIT/SIPI from the guest
+		if id != 0 || entry == nil {
+			continue // APs wait for INIT/SIPI from the guest; restores set state later
 		}
 		sregs, err := c.GetSregs()
 		if err != nil {

@@ -1,0 +1,450 @@
+package state
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"slices"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/ferry-vmm/ferry/internal/guestmem"
+)
+
+// ReaderOptions configures a Reader.
+type ReaderOptions struct {
+	// RequireEOF makes ReadAll refuse data after the end section (right for
+	// files; a stream that carries more after the state leaves it unset).
+	RequireEOF bool
+
+	// skipChecksums lets the fuzzer reach the payload decoders.
+	skipChecksums bool
+}
+
+// maxWarnings bounds the warnings ReadAll collects; the rest are counted.
+const maxWarnings = 64
+
+// readStep is how much of a payload is read (and allocated) at a time, so
+// that a length field never makes the reader allocate more than the input
+// holds.
+const readStep = 64 << 10
+
+// Reader decodes a state stream. NewReader reads and checks the header;
+// ReadAll reads the sections. It reads exactly up to the end of the end
+// section (with RequireEOF, one byte more to check there is none) and does
+// no buffering of its own: wrap the source in a bufio.Reader if it is
+// slow to read in small pieces.
+type Reader struct {
+	r    io.Reader
+	opts ReaderOptions
+	h    Header
+	off  int64 // bytes consumed
+
+	index    int    // index of the section being read
+	crcs     uint32 // CRC32C over the CRCs of the sections read
+	pages    uint64 // page records read
+	buf      []byte // section being read
+	dbuf     []byte // decompressed payload
+	dec      *zstd.Decoder
+	mem      *memHasher
+	finished bool
+	started  bool
+	cbErr    error
+}
+
+// NewReader reads and validates the header.
+func NewReader(r io.Reader, opts ReaderOptions) (*Reader, error) {
+	sr := &Reader{r: r, opts: opts, mem: newMemHasher()}
+	var prefix [prefixSize]byte
+	if err := sr.read(prefix[:], -1, "header"); err != nil {
+		return nil, err
+	}
+	if string(prefix[:8]) != Magic {
+		return nil, &FormatError{Section: -1, Msg: fmt.Sprintf("not a ferry state file (magic %q, want %q)", prefix[:8], Magic)}
+	}
+	version := le.Uint32(prefix[8:])
+	if version != FormatVersion {
+		return nil, &FormatError{Section: -1, Msg: fmt.Sprintf("format version %d not supported (this ferry reads %d)", version, FormatVersion)}
+	}
+	hlen := le.Uint32(prefix[12:])
+	if hlen < headerFixedSize || hlen > MaxHeaderLength {
+		return nil, &FormatError{Section: -1, Name: "header", Offset: 12, Msg: fmt.Sprintf("length %d out of range %d-%d", hlen, headerFixedSize, MaxHeaderLength)}
+	}
+	body, err := sr.readPayload(uint64(hlen), -1, "header", 0)
+	if err != nil {
+		return nil, err
+	}
+	var stored [crcSize]byte
+	if err := sr.read(stored[:], -1, "header"); err != nil {
+		return nil, err
+	}
+	crc := crc32.Update(crc32.Checksum(prefix[:], castagnoli), castagnoli, body)
+	if s := le.Uint32(stored[:]); s != crc && !opts.skipChecksums {
+		return nil, &FormatError{Section: -1, Name: "header", Offset: sr.off - crcSize,
+			Msg: fmt.Sprintf("checksum mismatch (stored %#08x, computed %#08x)", s, crc)}
+	}
+	h, err := decodeHeader(body)
+	if err == nil {
+		err = validateHeader(&h)
+	}
+	if err != nil {
+		return nil, &FormatError{Section: -1, Name: "header", Offset: prefixSize, Msg: err.Error()}
+	}
+	h.FormatVersion = version
+	sr.h = h
+	return sr, nil
+}
+
+// Header returns the stream's header.
+func (r *Reader) Header() Header {
+	h := r.h
+	h.Regions = append([]guestmem.Region(nil), h.Regions...)
+	return h
+}
+
+// read fills p from the stream; running out of input is a truncation error
+// in the named section.
+func (r *Reader) read(p []byte, section int, name string) error {
+	n, err := io.ReadFull(r.r, p)
+	r.off += int64(n)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+		return &FormatError{Section: section, Name: name, Offset: r.off, Truncated: true}
+	case section < 0:
+		return fmt.Errorf("state file: reading the header: %w", err)
+	}
+	return fmt.Errorf("state file: reading section %d (%s): %w", section, name, err)
+}
+
+// readPayload reads n bytes into r.buf after its first keep bytes, growing
+// the buffer only as data arrives. For messages, the section's name is
+// recomputed from what has been read when the input ends early.
+func (r *Reader) readPayload(n uint64, section int, name string, keep int) ([]byte, error) {
+	r.buf = r.buf[:keep]
+	for n > 0 {
+		step := int(min(n, readStep))
+		if cap(r.buf)-len(r.buf) < step {
+			r.buf = slices.Grow(r.buf, max(step, len(r.buf)))
+		}
+		at := len(r.buf)
+		r.buf = r.buf[:at+step]
+		if err := r.read(r.buf[at:], section, name); err != nil {
+			var fe *FormatError
+			if errors.As(err, &fe) && section >= 0 {
+				fe.Name = sectionName(le.Uint16(r.buf), r.buf[sectionHeaderSize:at])
+			}
+			return nil, err
+		}
+		n -= uint64(step)
+	}
+	return r.buf[keep:], nil
+}
+
+// sectionName names a section for messages, with the vCPU id when the
+// payload shows it.
+func sectionName(typ uint16, payload []byte) string {
+	if typ == SectionVCPU {
+		if id, ok := vcpuID(payload); ok {
+			return fmt.Sprintf("vcpu %d", id)
+		}
+	}
+	return sectionTypeName(typ)
+}
+
+// presence tracks the sections a stream must contain exactly once.
+type presence struct {
+	vcpus                        []bool
+	nvcpus                       int
+	irqchip, pit, clock, devices bool
+}
+
+// ReadAll reads every section up to and including the end section. The
+// machine state is stored into m (which is overwritten; m.Header is the
+// stream's header), and each page record is handed to page (which may be
+// nil) with its guest-physical address and 4096 bytes of data; the data is
+// valid only during the call and must not be modified. Warnings describe
+// skipped optional parts (unknown optional sections and record tags).
+//
+// Pages are handed over as their sections are read and verified, before
+// the end section has been checked: on an error the caller must discard
+// what it received. An error returned by page ends the read and is
+// returned wrapped.
+func (r *Reader) ReadAll(m *Machine, page func(gpa uint64, data []byte) error) (warnings []string, err error) {
+	if r.started {
+		return nil, errors.New("state file: ReadAll called twice")
+	}
+	r.started = true
+	defer r.closeDecoder()
+	*m = Machine{Header: r.Header()}
+	var dropped int
+	warn := func(ws ...string) {
+		for _, w := range ws {
+			if len(warnings) < maxWarnings {
+				warnings = append(warnings, w)
+			} else {
+				dropped++
+			}
+		}
+	}
+	defer func() {
+		if dropped > 0 {
+			warnings = append(warnings, fmt.Sprintf("%d more warnings not shown", dropped))
+		}
+	}()
+	have := presence{vcpus: make([]bool, r.h.CPUs)}
+	for ; ; r.index++ {
+		done, err := r.section(m, page, &have, warn)
+		if err != nil {
+			return warnings, err
+		}
+		if done {
+			break
+		}
+	}
+	slices.SortFunc(m.VCPUs, func(a, b VCPU) int { return cmp.Compare(a.ID, b.ID) })
+	if r.opts.RequireEOF {
+		var b [1]byte
+		if n, _ := io.ReadFull(r.r, b[:]); n > 0 {
+			return warnings, &FormatError{Section: -1, Offset: r.off, Msg: fmt.Sprintf("unexpected data after the end section at byte %d", r.off)}
+		}
+	}
+	r.finished = true
+	return warnings, nil
+}
+
+// section reads and applies one section; it reports whether it was the
+// end section.
+func (r *Reader) section(m *Machine, page func(uint64, []byte) error, have *presence, warn func(...string)) (bool, error) {
+	idx := r.index
+	start := r.off
+	r.buf = slices.Grow(r.buf[:0], sectionHeaderSize)[:sectionHeaderSize]
+	n, err := io.ReadFull(r.r, r.buf)
+	r.off += int64(n)
+	switch {
+	case n == 0 && (err == io.EOF || err == io.ErrUnexpectedEOF):
+		return false, &FormatError{Section: idx, Offset: r.off, Truncated: true}
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+		return false, &FormatError{Section: idx, Name: "section header", Offset: r.off, Truncated: true}
+	case err != nil:
+		return false, fmt.Errorf("state file: reading section %d: %w", idx, err)
+	}
+	typ := le.Uint16(r.buf)
+	flags := le.Uint16(r.buf[2:])
+	length := le.Uint64(r.buf[4:])
+	name := sectionTypeName(typ)
+	fail := func(format string, args ...any) error {
+		return &FormatError{Section: idx, Name: name, Offset: start, Msg: fmt.Sprintf(format, args...)}
+	}
+
+	limit := uint64(MaxSectionLength)
+	if typ == SectionMemory {
+		limit = MaxChunkLength
+	}
+	if length > limit {
+		return false, fail("length %d exceeds the limit of %d", length, limit)
+	}
+	payload, err := r.readPayload(length, idx, name, sectionHeaderSize)
+	if err != nil {
+		return false, err
+	}
+	name = sectionName(typ, payload)
+	var stored [crcSize]byte
+	if err := r.read(stored[:], idx, name); err != nil {
+		return false, err
+	}
+	crc := crc32.Checksum(r.buf, castagnoli)
+	if s := le.Uint32(stored[:]); s != crc && !r.opts.skipChecksums {
+		return false, fail("checksum mismatch (stored %#08x, computed %#08x)", s, crc)
+	}
+
+	known := true
+	switch typ {
+	case SectionVCPU, SectionIRQChip, SectionPIT, SectionClock, SectionDevices, SectionMemory, SectionEnd:
+	default:
+		known = false
+	}
+	if !known {
+		if flags&SectionRequired != 0 {
+			return false, fail("required section type %#04x unknown (written by a newer ferry?)", typ)
+		}
+		warn(fmt.Sprintf("section %d: skipped unknown optional section type %#04x (%d bytes)", idx, typ, length))
+		r.countSection(stored)
+		return false, nil
+	}
+	if f := flags &^ sectionFlagsKnown; f != 0 {
+		return false, fail("unknown section flags %#04x", f)
+	}
+	if flags&SectionZstd != 0 {
+		if typ != SectionMemory {
+			return false, fail("compression flag set on a section that cannot be compressed")
+		}
+		if payload, err = r.decompress(payload); err != nil {
+			return false, fail("zstd: %v", err)
+		}
+	}
+
+	warnTags := func(ws []string) {
+		for _, w := range ws {
+			warn(fmt.Sprintf("section %d (%s): %s", idx, name, w))
+		}
+	}
+	dup := func(seen *bool) error {
+		if *seen {
+			return fail("appears twice")
+		}
+		*seen = true
+		return nil
+	}
+	switch typ {
+	case SectionVCPU:
+		v, ws, err := decodeVCPU(payload)
+		if err != nil {
+			return false, fail("%v", err)
+		}
+		if v.ID >= r.h.CPUs {
+			return false, fail("vCPU id %d out of range (the header has %d vCPUs)", v.ID, r.h.CPUs)
+		}
+		if err := dup(&have.vcpus[v.ID]); err != nil {
+			return false, err
+		}
+		if v.ID == 0 && CPUIDFingerprint(v.CPUID) != r.h.CPUIDFingerprint {
+			return false, fail("CPUID table does not match the header's CPUID fingerprint")
+		}
+		have.nvcpus++
+		m.VCPUs = append(m.VCPUs, v)
+		warnTags(ws)
+	case SectionIRQChip, SectionPIT, SectionClock, SectionDevices:
+		var seen *bool
+		var decode func([]byte, *Machine) ([]string, error)
+		switch typ {
+		case SectionIRQChip:
+			seen, decode = &have.irqchip, decodeIRQChip
+		case SectionPIT:
+			seen, decode = &have.pit, decodePIT
+		case SectionClock:
+			seen, decode = &have.clock, decodeClock
+		default:
+			seen = &have.devices
+			decode = func(p []byte, m *Machine) ([]string, error) { return decodeDevices(p, &m.Devices) }
+		}
+		if err := dup(seen); err != nil {
+			return false, err
+		}
+		ws, err := decode(payload, m)
+		if err != nil {
+			return false, fail("%v", err)
+		}
+		warnTags(ws)
+	case SectionMemory:
+		r.cbErr = nil
+		n, err := decodeChunk(payload, r.h.Regions, func(gpa uint64, data []byte) error {
+			r.mem.add(gpa, data)
+			if page == nil {
+				return nil
+			}
+			if err := page(gpa, data); err != nil {
+				r.cbErr = err
+				return err
+			}
+			return nil
+		})
+		if r.cbErr != nil {
+			return false, fmt.Errorf("state file: section %d (memory chunk): %w", idx, r.cbErr)
+		}
+		if err != nil {
+			return false, fail("%v", err)
+		}
+		r.pages += n
+	case SectionEnd:
+		return true, r.end(payload, have, fail)
+	}
+	r.countSection(stored)
+	return false, nil
+}
+
+func (r *Reader) countSection(crc [crcSize]byte) {
+	r.crcs = crc32.Update(r.crcs, castagnoli, crc[:])
+}
+
+// end checks the end section against what was read.
+func (r *Reader) end(p []byte, have *presence, fail func(string, ...any) error) error {
+	if len(p) != endPayloadSize {
+		return fail("length %d, expected %d", len(p), endPayloadSize)
+	}
+	sections, pages, crcs := le.Uint64(p), le.Uint64(p[8:]), le.Uint32(p[16:])
+	if sections != uint64(r.index) {
+		return fail("the stream has %d sections before the end section, the end section counts %d", r.index, sections)
+	}
+	if pages != r.pages {
+		return fail("the stream has %d page records, the end section counts %d", r.pages, pages)
+	}
+	if crcs != r.crcs && !r.opts.skipChecksums {
+		return fail("checksum over section checksums mismatch (stored %#08x, computed %#08x)", crcs, r.crcs)
+	}
+	if have.nvcpus != len(have.vcpus) {
+		for id, ok := range have.vcpus {
+			if !ok {
+				return fail("required section vcpu %d missing (%d of %d vCPUs present)", id, have.nvcpus, len(have.vcpus))
+			}
+		}
+	}
+	for _, s := range []struct {
+		ok   bool
+		name string
+	}{{have.irqchip, "irqchip"}, {have.pit, "pit"}, {have.clock, "clock"}, {have.devices, "devices"}} {
+		if !s.ok {
+			return fail("required section %s missing", s.name)
+		}
+	}
+	return nil
+}
+
+// decompress inflates a memory chunk into r.dbuf, never beyond
+// MaxChunkLength.
+func (r *Reader) decompress(p []byte) ([]byte, error) {
+	if r.dec == nil {
+		dec, err := zstd.NewReader(nil,
+			zstd.WithDecoderConcurrency(1),
+			zstd.WithDecoderLowmem(true),
+			zstd.WithDecoderMaxMemory(MaxChunkLength),
+			zstd.WithDecoderMaxWindow(MaxChunkLength))
+		if err != nil {
+			return nil, err
+		}
+		r.dec = dec
+	}
+	out, err := r.dec.DecodeAll(p, r.dbuf[:0])
+	if cap(out) > cap(r.dbuf) && cap(out) <= 2*MaxChunkLength {
+		r.dbuf = out[:0]
+	}
+	if err != nil {
+		return nil, err
+	}
+	if len(out) > MaxChunkLength {
+		return nil, fmt.Errorf("decompressed length exceeds %d", MaxChunkLength)
+	}
+	return out, nil
+}
+
+func (r *Reader) closeDecoder() {
+	if r.dec != nil {
+		r.dec.Close()
+		r.dec = nil
+	}
+}
+
+// MemorySummary returns the summary of the memory read by ReadAll. ok is
+// false until ReadAll has succeeded, and when the stream's pages were not
+// in strictly ascending guest-physical order (a migration stream that
+// resends pages): compute the summary from the resulting memory with
+// SummarizeMemory instead.
+func (r *Reader) MemorySummary() (s MemorySummary, ok bool) {
+	if !r.finished || !r.mem.ordered {
+		return MemorySummary{}, false
+	}
+	return r.mem.summary(r.h.MemSize), true
+}

@@ -1,0 +1,362 @@
+package vmm
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/ferry-vmm/ferry/internal/kvm"
+	"github.com/ferry-vmm/ferry/internal/state"
+)
+
+// Capture reads the complete machine state: every vCPU's registers of every
+// class, the interrupt controllers, the PIT, the KVM clock and the devices.
+// The VM must be paused, so that no vCPU is inside KVM_RUN or halfway
+// through an I/O instruction.
+func (v *VM) Capture() (*state.Machine, error) {
+	if v.isStarted() && !v.Paused() {
+		return nil, errors.New("capture: VM is running; pause it first")
+	}
+	if v.msrList == nil {
+		l, err := saveableMSRs(v.sys, v.cpus[0].kvm)
+		if err != nil {
+			return nil, fmt.Errorf("capture: listing MSRs: %w", err)
+		}
+		v.msrList = l
+	}
+	m := &state.Machine{Header: v.stateHeader()}
+	for _, c := range v.cpus {
+		vs, err := v.captureVCPU(c.kvm)
+		if err != nil {
+			return nil, fmt.Errorf("capture: %w", err)
+		}
+		m.VCPUs = append(m.VCPUs, *vs)
+	}
+	m.Header.CPUIDFingerprint = state.CPUIDFingerprint(m.VCPUs[0].CPUID)
+	if err := v.captureVMState(m); err != nil {
+		return nil, fmt.Errorf("capture: %w", err)
+	}
+	m.Devices = state.Devices{
+		Serial: v.Serial.State(),
+		CMOS:   v.CMOS.State(),
+		I8042:  v.I8042.State(),
+		Post:   v.POST.State(),
+	}
+	return m, nil
+}
+
+func (v *VM) stateHeader() state.Header {
+	return state.Header{
+		FormatVersion:   state.FormatVersion,
+		Arch:            "x86_64",
+		CPUs:            uint32(len(v.cpus)),
+		MemSize:         v.mem.Size(),
+		Regions:         v.mem.Regions(),
+		CreatedUnixNano: time.Now().UnixNano(),
+		Producer:        "ferry",
+	}
+}
+
+func (v *VM) captureVCPU(c *kvm.VCPU) (*state.VCPU, error) {
+	s := &state.VCPU{ID: uint32(c.ID)}
+	var err error
+	if s.CPUID, err = c.GetCPUID2(); err != nil {
+		return nil, err
+	}
+	if s.Regs, err = c.GetRegs(); err != nil {
+		return nil, err
+	}
+	if s.Sregs, err = c.GetSregs(); err != nil {
+		return nil, err
+	}
+	if v.sys.CheckExtension(kvm.CapSregs2) != 0 {
+		s2, err := c.GetSregs2()
+		if err != nil {
+			return nil, err
+		}
+		s.Sregs2 = &s2
+	}
+	if s.FPU, err = c.GetFPU(); err != nil {
+		return nil, err
+	}
+	if s.XSave, err = c.GetXSave(v.kvm.XSaveSize()); err != nil {
+		return nil, err
+	}
+	if s.XCRs, err = c.GetXCRs(); err != nil {
+		return nil, err
+	}
+	s.MSRs = make([]kvm.MSREntry, len(v.msrList))
+	for i, idx := range v.msrList {
+		s.MSRs[i].Index = idx
+	}
+	n, err := c.GetMSRs(s.MSRs)
+	if err != nil {
+		return nil, err
+	}
+	if n != len(s.MSRs) {
+		return nil, fmt.Errorf("vCPU %d: KVM_GET_MSRS read %d of %d MSRs, stopped at %s", c.ID, n, len(s.MSRs), state.MSRName(s.MSRs[n].Index))
+	}
+	if s.LAPIC, err = c.GetLAPIC(); err != nil {
+		return nil, err
+	}
+	if s.Events, err = c.GetVCPUEvents(); err != nil {
+		return nil, err
+	}
+	if s.DebugRegs, err = c.GetDebugRegs(); err != nil {
+		return nil, err
+	}
+	if s.MPState, err = c.GetMPState(); err != nil {
+		return nil, err
+	}
+	if s.TSCKHz, err = c.GetTSCKHz(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (v *VM) captureVMState(m *state.Machine) error {
+	for i, id := range []uint32{kvm.IRQChipPICMaster, kvm.IRQChipPICSlave} {
+		chip, err := v.kvm.GetIRQChip(id)
+		if err != nil {
+			return err
+		}
+		m.PIC[i] = *chip.PIC()
+	}
+	chip, err := v.kvm.GetIRQChip(kvm.IRQChipIOAPIC)
+	if err != nil {
+		return err
+	}
+	m.IOAPIC = *chip.IOAPIC()
+	if m.PIT, err = v.kvm.GetPIT2(); err != nil {
+		return err
+	}
+	if m.Clock, err = v.kvm.GetClock(); err != nil {
+		return err
+	}
+	return nil
+}
+
+// NewForRestore builds a VM shaped like the saved header (memory size and
+// layout, vCPU count) with nothing loaded: fill its memory, then call
+// Restore, then Start.
+func NewForRestore(h state.Header, console Config) (*VM, error) {
+	if h.Arch != "x86_64" {
+		return nil, fmt.Errorf("saved state is for %q, this host runs x86_64", h.Arch)
+	}
+	cfg := console
+	cfg.MemSize = h.MemSize
+	cfg.CPUs = int(h.CPUs)
+	cfg.forRestore = true
+	v, err := New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := sameLayout(h, v); err != nil {
+		v.Close()
+		return nil, err
+	}
+	return v, nil
+}
+
+func sameLayout(h state.Header, v *VM) error {
+	have := v.mem.Regions()
+	if len(have) != len(h.Regions) {
+		return fmt.Errorf("saved memory layout has %d regions, this VM %d", len(h.Regions), len(have))
+	}
+	for i := range have {
+		if have[i] != h.Regions[i] {
+			return fmt.Errorf("saved memory region %d is %+v, this VM's is %+v", i, h.Regions[i], have[i])
+		}
+	}
+	return nil
+}
+
+// restoreStep is one stage of applying saved state. The order is part of
+// the ABI contract with KVM and is checked by tests:
+//   - CPUID first: KVM validates MSRs (TSC_AUX, ...) and XCR0 against it;
+//   - special registers before general ones and before XCRs/XSAVE: CR0,
+//     CR4 (OSXSAVE) and EFER decide what the rest may contain;
+//   - MSRs after CPUID and special registers (APIC base, EFER agree);
+//   - LAPIC before vCPU events: a pending interrupt refers to LAPIC state;
+//   - MP state after LAPIC (INIT/SIPI state lives in the LAPIC);
+//   - the KVM clock last, once nothing else can move it.
+type restoreStep struct {
+	name  string
+	apply func(c *kvm.VCPU, s *state.VCPU) error
+}
+
+var vcpuRestoreOrder = []restoreStep{
+	{"cpuid", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetCPUID2(s.CPUID) }},
+	{"sregs", restoreSregs},
+	{"xcrs", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetXCRs(s.XCRs) }},
+	{"fpu", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetFPU(s.FPU) }},
+	{"xsave", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetXSave(s.XSave) }},
+	{"regs", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetRegs(s.Regs) }},
+	{"msrs", restoreMSRs},
+	{"lapic", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetLAPIC(s.LAPIC) }},
+	{"mp_state", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetMPState(s.MPState) }},
+	{"events", restoreEvents},
+	{"debugregs", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetDebugRegs(s.DebugRegs) }},
+}
+
+func restoreSregs(c *kvm.VCPU, s *state.VCPU) error {
+	if s.Sregs2 != nil {
+		if err := c.SetSregs2(*s.Sregs2); err == nil {
+			return nil
+		}
+		// Host without KVM_CAP_SREGS2: the plain form carries the same
+		// registers except the PAE PDPTRs, which KVM reloads from CR3.
+	}
+	return c.SetSregs(s.Sregs)
+}
+
+func restoreMSRs(c *kvm.VCPU, s *state.VCPU) error {
+	n, err := c.SetMSRs(s.MSRs)
+	if err != nil {
+		return err
+	}
+	if n != len(s.MSRs) {
+		e := s.MSRs[n]
+		return fmt.Errorf("KVM_SET_MSRS refused %s (%#x) = %#x after %d of %d", state.MSRName(e.Index), e.Index, e.Data, n, len(s.MSRs))
+	}
+	return nil
+}
+
+func restoreEvents(c *kvm.VCPU, s *state.VCPU) error {
+	e := s.Events
+	// The GET side does not mark these as valid; SET ignores them unless
+	// marked, and a pending NMI or SIPI vector would be lost.
+	e.Flags |= kvm.VCPUEventValidNMIPending | kvm.VCPUEventValidSIPIVector
+	return c.SetVCPUEvents(e)
+}
+
+// Restore applies saved machine state to a VM made by NewForRestore whose
+// memory has been filled. It refuses state whose CPU features this host
+// cannot provide before touching any vCPU.
+func (v *VM) Restore(m *state.Machine) error {
+	if v.started {
+		return errors.New("restore: VM already started")
+	}
+	if len(m.VCPUs) != len(v.cpus) {
+		return fmt.Errorf("restore: saved state has %d vCPUs, VM has %d", len(m.VCPUs), len(v.cpus))
+	}
+	for _, s := range m.VCPUs {
+		if err := CheckCPUID(s.CPUID, v.hostCPUID); err != nil {
+			return fmt.Errorf("restore: vCPU %d: %w", s.ID, err)
+		}
+	}
+	if err := v.restoreVMState(m); err != nil {
+		return fmt.Errorf("restore: %w", err)
+	}
+	for i, c := range v.cpus {
+		s := &m.VCPUs[i]
+		if s.ID != uint32(c.id) {
+			return fmt.Errorf("restore: vCPU slot %d holds state of vCPU %d", i, s.ID)
+		}
+		if err := v.restoreTSCFrequency(c.kvm, s.TSCKHz); err != nil {
+			return fmt.Errorf("restore: vCPU %d: %w", i, err)
+		}
+		for _, step := range vcpuRestoreOrder {
+			if err := step.apply(c.kvm, s); err != nil {
+				return fmt.Errorf("restore: vCPU %d %s: %w", i, step.name, err)
+			}
+		}
+		if i == 0 {
+			v.checkTSCRestored(c.kvm, s)
+		}
+	}
+	if err := v.restoreDevices(m); err != nil {
+		return fmt.Errorf("restore: %w", err)
+	}
+	// The clock goes last: kvmclock continues from the saved value, so the
+	// guest does not see the time it spent stopped (docs/machine-state.md).
+	clock := kvm.ClockData{Clock: m.Clock.Clock}
+	if err := v.kvm.SetClock(clock); err != nil {
+		return fmt.Errorf("restore: %w", err)
+	}
+	return nil
+}
+
+func (v *VM) restoreTSCFrequency(c *kvm.VCPU, khz uint32) error {
+	have, err := c.GetTSCKHz()
+	if err != nil || khz == 0 || have == khz {
+		return err
+	}
+	if err := c.SetTSCKHz(khz); err != nil {
+		return fmt.Errorf("guest TSC runs at %d kHz, this host at %d kHz and KVM cannot scale it: %w", khz, have, err)
+	}
+	return nil
+}
+
+func (v *VM) restoreVMState(m *state.Machine) error {
+	for i, id := range []uint32{kvm.IRQChipPICMaster, kvm.IRQChipPICSlave} {
+		chip := kvm.IRQChip{ChipID: id}
+		*chip.PIC() = m.PIC[i]
+		if err := v.kvm.SetIRQChip(chip); err != nil {
+			return err
+		}
+	}
+	chip := kvm.IRQChip{ChipID: kvm.IRQChipIOAPIC}
+	*chip.IOAPIC() = m.IOAPIC
+	if err := v.kvm.SetIRQChip(chip); err != nil {
+		return err
+	}
+	return v.kvm.SetPIT2(m.PIT)
+}
+
+func (v *VM) restoreDevices(m *state.Machine) error {
+	if err := v.Serial.SetState(m.Devices.Serial); err != nil {
+		return fmt.Errorf("serial: %w", err)
+	}
+	if err := v.CMOS.SetState(m.Devices.CMOS); err != nil {
+		return fmt.Errorf("cmos: %w", err)
+	}
+	if err := v.I8042.SetState(m.Devices.I8042); err != nil {
+		return fmt.Errorf("i8042: %w", err)
+	}
+	if err := v.POST.SetState(m.Devices.Post); err != nil {
+		return fmt.Errorf("post: %w", err)
+	}
+	return nil
+}
+
+func (v *VM) isStarted() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.started
+}
+
+// RestoreWarnings lists what Restore could not reproduce exactly.
+func (v *VM) RestoreWarnings() []string { return v.restoreWarnings }
+
+// checkTSCRestored reads the guest TSC back after the MSRs were written. On
+// hosts whose KVM cannot offset the TSC (PVM runs guest user code natively,
+// so RDTSC there returns the host's TSC) the guest TSC follows the host's
+// instead of continuing from the saved value; say so rather than hide it.
+func (v *VM) checkTSCRestored(c *kvm.VCPU, s *state.VCPU) {
+	var saved uint64
+	for _, m := range s.MSRs {
+		if m.Index == msrTSC {
+			saved = m.Data
+		}
+	}
+	e := []kvm.MSREntry{{Index: msrTSC}}
+	if n, err := c.GetMSRs(e); err != nil || n != 1 || saved == 0 {
+		return
+	}
+	tolerance := uint64(s.TSCKHz) * 1000 / 10 // 100 ms of ticks
+	if diff := absDiff(e[0].Data, saved); diff > tolerance {
+		v.restoreWarnings = append(v.restoreWarnings, fmt.Sprintf(
+			"guest TSC did not take the saved value (saved %d, now %d, %+.3f s): this host's KVM ties the guest TSC to the host's (PVM), so the guest sees the time it was stopped",
+			saved, e[0].Data, (float64(e[0].Data)-float64(saved))/float64(s.TSCKHz)/1000))
+	}
+}
+
+const msrTSC = 0x10
+
+func absDiff(a, b uint64) uint64 {
+	if a > b {
+		return a - b
+	}
+	return b - a
+}

@@ -4,7 +4,7 @@
 
 GO        ?= go
 STATICCHECK_VERSION := v0.8.2
-APT_PACKAGES := gcc make linux-libc-dev qemu-system-x86 iproute2
+APT_PACKAGES := gcc make linux-libc-dev qemu-system-x86 iproute2 acpica-tools
 BIN       := bin
 
 .PHONY: all ferry guest linux-guest setup deps test lint demo clean

@@ -10,8 +10,10 @@
 //     RSI pointing at the zero page (the Linux x86 boot protocol, 2.12 or
 //     later).
 //
-// For both it also writes an Intel MultiProcessor Specification 1.4 table so
-// that a guest without ACPI tables can find the application processors.
+// For both it also writes ACPI tables (RSDP, XSDT, FADT, FACS, DSDT, MADT;
+// see acpi.go), through which modern kernels find the application
+// processors and the I/O APIC, and an Intel MultiProcessor Specification
+// 1.4 table describing the same machine for kernels that use that instead.
 //
 // The package writes into a guestmem.Memory and returns an Entry; loading the
 // Entry into a vCPU is the VMM's job. It must not import the kvm or vmm
@@ -52,6 +54,13 @@ import (
 //	0x0B000   0x0F000      4 page directories, 2 MiB pages, identity 0-4 GiB
 //	0x20000   0x30000      kernel command line, NUL-terminated (<= 64 KiB)
 //	0x9FC00   0xA0000      EBDA: MP floating pointer + MP configuration table
+//	0xA0000   0xE0000      unused (the legacy VGA and option ROM window)
+//	0xE0000   0xF0000      ACPI tables (0xE0000-0xE0A58 for 254 CPUs):
+//	                         0xE0000 RSDP (36 bytes, 16-byte aligned, where
+//	                                 the guest's BIOS-area scan finds it)
+//	                         0xE0040 FACS (64 bytes, 64-byte aligned)
+//	                         then, 16-byte aligned: DSDT, FADT, XSDT, and the
+//	                         MADT (72 + 8 bytes per CPU)
 //	0xF0000   0x100000     MP configuration table when it exceeds the EBDA
 //	                       (more than MPMaxEBDACPUs CPUs)
 //	0x100000  ...          kernel (bzImage: pref_address or 1 MiB; ELF:
@@ -59,8 +68,9 @@ import (
 //	                       fits in RAM below the MMIO hole
 //
 // guestmem reports [0x9FC00, 0x100000) as reserved in the E820 map, so the
-// guest leaves the MP table alone; the rest of the low structures are in
-// ordinary RAM and are only needed until the kernel has copied what it uses.
+// guest leaves the MP and ACPI tables alone; the rest of the low structures
+// are in ordinary RAM and are only needed until the kernel has copied what
+// it uses.
 const (
 	BDAEBDASegment = 0x40E // BIOS data area: EBDA segment (u16)
 	BDABaseMemKiB  = 0x413 // BIOS data area: base memory in KiB (u16)
@@ -137,6 +147,7 @@ type Entry struct {
 	InitrdAddr  uint64 // 0 if no initrd
 	InitrdSize  uint64
 	MPTable     uint64 // MP floating pointer structure
+	RSDPAddr    uint64 // ACPI RSDP (also given to the guest in start_info or boot_params)
 }
 
 // Segment describes a segment register's hidden state, decoded from the
@@ -172,7 +183,7 @@ type Options struct {
 	Kernel  []byte // bzImage or ELF with a PVH note
 	Initrd  []byte // optional
 	Cmdline string
-	CPUs    int // number of vCPUs (0 means 1); written into an Intel MP table so guests (Linux) find and start the APs
+	CPUs    int // number of vCPUs (0 means 1); described in the ACPI MADT and the MP table so guests (Linux) find and start the APs
 }
 
 // Probe reports what kind of image b is without loading it ("elf-pvh",

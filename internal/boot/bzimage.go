@@ -10,6 +10,7 @@ import (
 // into the bzImage file and, identically, into struct boot_params (the
 // zero page), whose setup header is a copy of the file's.
 const (
+	zpACPIRSDPAddr    = 0x070
 	zpExtRamdiskImage = 0x0C0
 	zpExtRamdiskSize  = 0x0C4
 	zpExtCmdLinePtr   = 0x0C8
@@ -241,6 +242,10 @@ func loadBzImage(mem *guestmem.Memory, img *bzImage, opts Options, cpus int) (*E
 	le.PutUint32(zp[zpExtRamdiskImage:], uint32(e.InitrdAddr>>32))
 	le.PutUint32(zp[zpExtRamdiskSize:], uint32(e.InitrdSize>>32))
 	le.PutUint64(zp[hdrSetupData:], 0) // no setup_data chain
+	// acpi_rsdp_addr is read by kernels since 5.0 (the boot protocol
+	// documents it with 2.14); older ones treat these bytes as padding and
+	// find the RSDP by scanning the BIOS area.
+	le.PutUint64(zp[zpACPIRSDPAddr:], ACPIAddr)
 	zp[zpE820Entries] = uint8(len(e820))
 	for i, r := range e820 {
 		ent := zp[zpE820Table+i*zpE820EntSize:][:zpE820EntSize]
@@ -274,6 +279,10 @@ func loadBzImage(mem *guestmem.Memory, img *bzImage, opts Options, cpus int) (*E
 	if err != nil {
 		return nil, err
 	}
-	e.MPTable = mp
+	rsdp, err := writeACPI(mem, cpus)
+	if err != nil {
+		return nil, err
+	}
+	e.MPTable, e.RSDPAddr = mp, rsdp
 	return e, nil
 }

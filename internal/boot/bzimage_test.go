@@ -55,6 +55,7 @@ func TestLoadBzImage(t *testing.T) {
 	zp := read(t, mem, ZeroPageAddr, 4096)
 	low := bytes.Clone(zp[:0x1F1])
 	low[zpE820Entries] = 0
+	clear(low[0x070:0x078]) // acpi_rsdp_addr, checked below
 	if !bytes.Equal(low, make([]byte, 0x1F1)) {
 		t.Error("zero page before the setup header is not zero (boot sector leaked?)")
 	}
@@ -90,6 +91,8 @@ func TestLoadBzImage(t *testing.T) {
 	check("ext_ramdisk_image", uint64(le.Uint32(zp[0x0C0:])), 0)
 	check("ext_ramdisk_size", uint64(le.Uint32(zp[0x0C4:])), 0)
 	check("setup_data", le.Uint64(zp[0x250:]), 0)
+	check("acpi_rsdp_addr", le.Uint64(zp[0x070:]), ACPIAddr)
+	check("entry RSDPAddr", e.RSDPAddr, ACPIAddr)
 	check("version", uint64(le.Uint16(zp[0x206:])), 0x020F)
 
 	e820 := mem.E820()
@@ -135,6 +138,7 @@ func TestLoadBzImage(t *testing.T) {
 
 	// MP table for 4 CPUs.
 	checkMPTable(t, mem, 4)
+	checkACPI(t, mem, 4)
 }
 
 func TestLoadBzImagePlacement(t *testing.T) {

@@ -120,6 +120,9 @@ func checkLoaded(t *testing.T, mem *guestmem.Memory, e *Entry, initrdLen int) {
 	if mpf, err := mem.Slice(MPTableAddr, mpfSize); err != nil || string(mpf[:4]) != "_MP_" || checksum(mpf) != 0 {
 		t.Fatal("MP floating pointer missing")
 	}
+	if rsdp, err := mem.Slice(ACPIAddr, rsdpSize); err != nil || e.RSDPAddr != ACPIAddr || string(rsdp[:8]) != "RSD PTR " || checksum(rsdp) != 0 {
+		t.Fatal("ACPI RSDP missing")
+	}
 }
 
 func FuzzLoad(f *testing.F) {

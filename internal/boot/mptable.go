@@ -18,12 +18,14 @@ const (
 	IOAPICAddr    = 0xFEC0_0000
 
 	// TimerIOAPICPin is the IOAPIC pin the table gives ISA IRQ 0 (the
-	// PIT), as on PCs. KVM's default GSI routing sends GSI 0 to pin 0, so
-	// a VMM following this table routes GSI 0 to this pin
-	// (KVM_SET_GSI_ROUTING, as QEMU does); otherwise Linux reports "8254
-	// timer not connected to IO-APIC" and falls back to the ExtINT entry
-	// on pin 0 or to LAPIC virtual wire mode.
-	TimerIOAPICPin = 2
+	// PIT). PC firmware puts it on pin 2 (with the 8259's ExtINT output on
+	// pin 0), but ferry keeps KVM's default GSI routing, where the
+	// in-kernel PIT raises GSI 0 and GSI 0 drives IOAPIC pin 0, so ISA IRQ
+	// 0 is on pin 0 here, like every other ISA IRQ on the pin of its
+	// number. The ACPI MADT agrees (it has no IRQ 0 override). The 8259's
+	// ExtINT output reaches the CPUs through LAPIC LINT0 (the local
+	// interrupt entries), not through the IOAPIC.
+	TimerIOAPICPin = 0
 
 	// MPMaxCPUs is the most processors the table can describe: APIC IDs
 	// are 8 bits, 0xFF is the broadcast ID and the IOAPIC takes the ID
@@ -41,7 +43,7 @@ const (
 	mpcIOAPICSize = 8
 	mpcIntSize    = 8
 	mpcLIntSize   = 8
-	mpIOIntCount  = 16 // ExtINT on pin 0, then ISA IRQ 0 (pin 2), 1, 3..15
+	mpIOIntCount  = 15 // ISA IRQs 0, 1 and 3..15 on the pins of the same number
 	mpLIntCount   = 2
 	mpcFixedSize  = mpcHeaderSize + mpcBusSize + mpcIOAPICSize + mpIOIntCount*mpcIntSize + mpLIntCount*mpcLIntSize
 
@@ -69,11 +71,10 @@ const (
 	mpCPUSignature = 0x600
 	mpCPUFeatures  = 1<<0 | 1<<9
 
-	mpISABus     = 0
-	mpAllLAPICs  = 0xFF
-	mpOEMID      = "FERRY   "
-	mpProductID  = "FERRY VMM   "
-	mpIOAPICPin0 = 0
+	mpISABus    = 0
+	mpAllLAPICs = 0xFF
+	mpOEMID     = "FERRY   "
+	mpProductID = "FERRY VMM   "
 )
 
 // mpTableSize returns the size of the configuration table for cpus
@@ -134,11 +135,11 @@ func buildMPTable(cpus int) (mpf, mpc []byte, mpcAddr uint64, err error) {
 	p += mpcIOAPICSize
 	entries++
 
-	// I/O interrupt assignments as on a PC: the 8259's output (ExtINT)
-	// on IOAPIC pin 0, the PIT's ISA IRQ 0 on pin 2, and the other ISA
-	// IRQs on the pin of the same number. ISA IRQ 2 is the 8259 cascade
-	// and has no entry (pin 2 belongs to IRQ 0). Flags 0: polarity and
-	// trigger conform to the bus (ISA: active high, edge).
+	// I/O interrupt assignments following KVM's default GSI routing: ISA
+	// IRQ n on IOAPIC pin n, the PIT's IRQ 0 included (see
+	// TimerIOAPICPin). ISA IRQ 2 is the 8259 cascade and has no entry.
+	// Flags 0: polarity and trigger conform to the bus (ISA: active high,
+	// edge).
 	ioint := func(kind, irq, pin uint8) {
 		e := mpc[p : p+mpcIntSize]
 		e[0] = mpEntryIOInt
@@ -150,7 +151,6 @@ func buildMPTable(cpus int) (mpf, mpc []byte, mpcAddr uint64, err error) {
 		p += mpcIntSize
 		entries++
 	}
-	ioint(mpIntExtINT, 0, mpIOAPICPin0)
 	ioint(mpIntINT, 0, TimerIOAPICPin)
 	for irq := uint8(1); irq < 16; irq++ {
 		if irq != 2 { // the 8259 cascade

@@ -57,7 +57,7 @@ func checkMPTable(t *testing.T, mem *guestmem.Memory, cpus int) {
 	bsps := 0
 	ioapicID := -1
 	ioints := map[int]int{} // ISA IRQ -> pin for INT entries
-	extintPin := -1
+	extintPins := 0
 	lints := map[int]int{} // LINT pin -> kind
 	lastType := -1
 	for i := range count {
@@ -109,7 +109,9 @@ func checkMPTable(t *testing.T, mem *guestmem.Memory, cpus int) {
 				}
 				ioints[irq] = pin
 			case 3:
-				extintPin = pin
+				extintPins++
+			default:
+				t.Errorf("I/O interrupt entry of kind %d", mpc[p+1])
 			}
 			p += 8
 		case 4:
@@ -136,10 +138,12 @@ func checkMPTable(t *testing.T, mem *guestmem.Memory, cpus int) {
 	if ioapicID != cpus {
 		t.Errorf("IOAPIC ID %d, want %d", ioapicID, cpus)
 	}
-	if ioints[0] != 2 {
-		t.Errorf("IRQ0 on pin %d, want 2", ioints[0])
+	// KVM's default routing: the PIT (ISA IRQ 0) is on GSI 0 = pin 0, and
+	// every other ISA IRQ on the pin of its number.
+	if TimerIOAPICPin != 0 {
+		t.Errorf("TimerIOAPICPin = %d, want 0", TimerIOAPICPin)
 	}
-	for irq := 1; irq < 16; irq++ {
+	for irq := 0; irq < 16; irq++ {
 		if irq == 2 {
 			if _, ok := ioints[2]; ok {
 				t.Error("ISA IRQ 2 (cascade) has an entry")
@@ -150,8 +154,11 @@ func checkMPTable(t *testing.T, mem *guestmem.Memory, cpus int) {
 			t.Errorf("IRQ%d on pin %d (present %v), want identity", irq, pin, ok)
 		}
 	}
-	if extintPin != 0 {
-		t.Errorf("ExtINT on IOAPIC pin %d, want 0", extintPin)
+	if extintPins != 0 {
+		t.Errorf("%d ExtINT entries on IOAPIC pins, want none (ExtINT is on LINT0)", extintPins)
+	}
+	if want := 44 + cpus*20 + 8 + 8 + 15*8 + 2*8; int(length) != want {
+		t.Errorf("table length %d, want %d", length, want)
 	}
 	if lints[0] != 3 || lints[1] != 1 {
 		t.Errorf("LINT0 kind %d, LINT1 kind %d; want ExtINT(3), NMI(1)", lints[0], lints[1])

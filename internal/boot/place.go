@@ -26,7 +26,7 @@ var lowStructures = []span{
 	{0x8000, 0x9000, "the boot stack"},
 	{PML4Addr, PDAddr + 4*guestmem.PageSize, "the boot page tables"},
 	{CmdlineAddr, CmdlineAddr + CmdlineMax, "the command line"},
-	{guestmem.EBDAStart, guestmem.HighMemory, "the EBDA, MP table and BIOS area"},
+	{guestmem.EBDAStart, guestmem.HighMemory, "the EBDA, MP and ACPI tables and BIOS area"},
 }
 
 // checkPlacement verifies that [start, start+size) is guest RAM within one

@@ -97,7 +97,7 @@ func loadPVH(mem *guestmem.Memory, img *elfImage, opts Options, cpus int) (*Entr
 	le.PutUint32(si[siVersion:], hvmStartVersion)
 	le.PutUint32(si[siFlags:], 0)
 	le.PutUint64(si[siCmdlinePaddr:], CmdlineAddr)
-	le.PutUint64(si[siRsdpPaddr:], 0)
+	le.PutUint64(si[siRsdpPaddr:], ACPIAddr)
 	if e.InitrdSize > 0 {
 		le.PutUint32(si[siNrModules:], 1)
 		le.PutUint64(si[siModlistPaddr:], ModlistAddr)
@@ -128,7 +128,11 @@ func loadPVH(mem *guestmem.Memory, img *elfImage, opts Options, cpus int) (*Entr
 	if err != nil {
 		return nil, err
 	}
-	e.MPTable = mp
+	rsdp, err := writeACPI(mem, cpus)
+	if err != nil {
+		return nil, err
+	}
+	e.MPTable, e.RSDPAddr = mp, rsdp
 	return e, nil
 }
 

@@ -98,7 +98,7 @@ func TestLoadPVH(t *testing.T) {
 			check("nr_modules", uint64(le.Uint32(si[12:])), 1)
 			check("modlist_paddr", le.Uint64(si[16:]), ModlistAddr)
 			check("cmdline_paddr", le.Uint64(si[24:]), CmdlineAddr)
-			check("rsdp_paddr", le.Uint64(si[32:]), 0)
+			check("rsdp_paddr", le.Uint64(si[32:]), ACPIAddr)
 			check("memmap_paddr", le.Uint64(si[40:]), MemmapAddr)
 			e820 := mem.E820()
 			check("memmap_entries", uint64(le.Uint32(si[48:])), uint64(len(e820)))
@@ -137,6 +137,11 @@ func TestLoadPVH(t *testing.T) {
 			if e.MPTable != MPTableAddr || string(read(t, mem, MPTableAddr, 4)) != "_MP_" {
 				t.Errorf("MP table not written (entry says %#x)", e.MPTable)
 			}
+			if e.RSDPAddr != ACPIAddr {
+				t.Errorf("entry says RSDP at %#x", e.RSDPAddr)
+			}
+			checkMPTable(t, mem, 2)
+			checkACPI(t, mem, 2)
 		})
 	}
 }
@@ -207,8 +212,9 @@ func TestLoadPVHLowSegments(t *testing.T) {
 		{0x8F00, "the boot stack"},
 		{0xA000, "the boot page tables"},
 		{0x2F000, "the command line"},
-		{0x9F000, "the EBDA, MP table and BIOS area"},
-		{0xFFF00, "the EBDA, MP table and BIOS area"},
+		{0x9F000, "the EBDA, MP and ACPI tables and BIOS area"},
+		{0xE0800, "the EBDA, MP and ACPI tables and BIOS area"},
+		{0xFFF00, "the EBDA, MP and ACPI tables and BIOS area"},
 	} {
 		img := buildELF(elfSpec{
 			segs:  []elfSeg{{paddr: 0x100000, data: pattern(0x100, 2)}, {paddr: tc.paddr, data: pattern(0x1000, 1)}},

@@ -360,3 +360,9 @@ func absDiff(a, b uint64) uint64 {
 	}
 	return b - a
 }
+
+// CheckGuestCPUID refuses a guest CPUID table (from a saved state or a
+// migration source) that uses features this host cannot provide.
+func (v *VM) CheckGuestCPUID(cpuid []kvm.CPUIDEntry) error {
+	return CheckCPUID(cpuid, v.hostCPUID)
+}

@@ -112,6 +112,7 @@ type VM struct {
 	I8042   *devices.I8042
 	Control *devices.Control
 	POST    *devices.Post
+	ACPIPM  *devices.ACPIPM
 
 	mu       sync.Mutex
 	cond     *sync.Cond
@@ -217,6 +218,7 @@ func (v *VM) setupPlatform() error {
 	v.I8042 = devices.NewI8042(func() { v.finish(&Exit{Reason: ExitReset}, nil) })
 	v.Control = devices.NewControl(func(status uint8) { v.finish(&Exit{Reason: ExitGuest, Status: status}, nil) })
 	v.POST = devices.NewPost()
+	v.ACPIPM = devices.NewACPIPM(boot.ACPISleepTypeS5, func() { v.finish(&Exit{Reason: ExitPoweroff}, nil) })
 	for _, d := range []struct {
 		name       string
 		base, size uint64
@@ -228,6 +230,8 @@ func (v *VM) setupPlatform() error {
 		{"cmos", cmosPort, 2, v.CMOS},
 		{"post", postPort, 1, v.POST},
 		{"exit", ExitPort, 4, v.Control},
+		{"acpi-pm1-event", boot.ACPIPM1EventPort, 4, v.ACPIPM.EventBlock()},
+		{"acpi-pm1-control", boot.ACPIPM1ControlPort, 2, v.ACPIPM.ControlBlock()},
 	} {
 		if err := v.PIO.Register(d.name, d.base, d.size, d.dev); err != nil {
 			return err

@@ -1,0 +1,96 @@
+package guestlog
+
+import (
+	"bytes"
+	"sync"
+	"time"
+)
+
+// TimedLine is a console line with the host time it arrived.
+type TimedLine struct {
+	At   time.Time
+	Line Line
+}
+
+// Recorder is an io.Writer for a guest console that keeps every protocol
+// line with its arrival time on the host, and passes all output on to an
+// optional writer. Arrival times, not the guest's TSC, measure what an
+// outside observer of the guest sees: a guest whose clocks are restored
+// does not see its own downtime.
+type Recorder struct {
+	mu      sync.Mutex
+	partial []byte
+	lines   []TimedLine
+	next    interface{ Write([]byte) (int, error) }
+	now     func() time.Time
+}
+
+// NewRecorder records lines and forwards output to next (may be nil).
+func NewRecorder(next interface{ Write([]byte) (int, error) }) *Recorder {
+	return &Recorder{next: next, now: time.Now}
+}
+
+// Write records complete lines.
+func (r *Recorder) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	at := r.now()
+	r.partial = append(r.partial, p...)
+	for {
+		i := bytes.IndexByte(r.partial, '\n')
+		if i < 0 {
+			break
+		}
+		if l, ok := Parse(string(r.partial[:i])); ok {
+			r.lines = append(r.lines, TimedLine{At: at, Line: l})
+		}
+		r.partial = r.partial[i+1:]
+	}
+	if len(r.partial) > 64<<10 { // a runaway line: drop it
+		r.partial = r.partial[:0]
+	}
+	r.mu.Unlock()
+	if r.next != nil {
+		return r.next.Write(p)
+	}
+	return len(p), nil
+}
+
+// Lines returns a copy of the recorded lines.
+func (r *Recorder) Lines() []TimedLine {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]TimedLine(nil), r.lines...)
+}
+
+// IsBeat reports whether a line is a heartbeat (hb or verify).
+func IsBeat(l Line) bool { return l.Kind == KindHeartbeat || l.Kind == KindVerify }
+
+// HeartbeatGap is the guest-observed downtime around a switch: for each
+// CPU, the time between its last heartbeat that arrived before `switchAt`
+// and its first heartbeat after it (lines from the source, then the
+// destination, merged by arrival time); the largest over CPUs. Zero if a
+// CPU has no beat on one side.
+func HeartbeatGap(lines []TimedLine, switchAt time.Time) time.Duration {
+	before := map[uint64]time.Time{}
+	after := map[uint64]time.Time{}
+	for _, tl := range lines {
+		if !IsBeat(tl.Line) {
+			continue
+		}
+		cpu := tl.Line.MustUint("cpu")
+		if !tl.At.After(switchAt) {
+			if tl.At.After(before[cpu]) {
+				before[cpu] = tl.At
+			}
+		} else if a, ok := after[cpu]; !ok || tl.At.Before(a) {
+			after[cpu] = tl.At
+		}
+	}
+	var gap time.Duration
+	for cpu, b := range before {
+		if a, ok := after[cpu]; ok && a.Sub(b) > gap {
+			gap = a.Sub(b)
+		}
+	}
+	return gap
+}

@@ -1,0 +1,67 @@
+package vmm
+
+import (
+	"fmt"
+	"math/bits"
+
+	"github.com/ferry-vmm/ferry/internal/guestmem"
+	"github.com/ferry-vmm/ferry/internal/kvm"
+)
+
+// Dirty-page tracking for pre-copy. Bitmaps handed out here are indexed by
+// page number within the memfd (offset / 4096), the same index
+// guestmem.Memory.Bytes() uses, so slots need no translation.
+
+// DirtyBitmapWords is the length of a bitmap covering all guest RAM.
+func (v *VM) DirtyBitmapWords() int {
+	return int((v.mem.Size()/guestmem.PageSize + 63) / 64)
+}
+
+// StartDirtyLog makes KVM record guest writes to every RAM slot. Pages the
+// guest wrote before this call are not reported: the first pre-copy pass
+// sends everything anyway.
+func (v *VM) StartDirtyLog() error { return v.setDirtyLog(true) }
+
+// StopDirtyLog turns tracking off (after a migration, or one that failed).
+func (v *VM) StopDirtyLog() error { return v.setDirtyLog(false) }
+
+func (v *VM) setDirtyLog(on bool) error {
+	var flags uint32
+	if on {
+		flags = kvm.MemLogDirtyPages
+	}
+	for i, r := range v.mem.Regions() {
+		err := v.kvm.SetUserMemoryRegion(kvm.UserspaceMemoryRegion{
+			Slot: uint32(i), Flags: flags, GuestPhysAddr: r.GPA, MemorySize: r.Size,
+			UserspaceAddr: uint64(addrOf(v.mem.Bytes()[r.Offset:])),
+		})
+		if err != nil {
+			return fmt.Errorf("dirty logging on slot %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
+// FetchDirty ORs the pages written since the last fetch (or since
+// StartDirtyLog) into bitmap, which must have DirtyBitmapWords words, and
+// resets KVM's log. It returns how many pages were dirty.
+func (v *VM) FetchDirty(bitmap []uint64) (int, error) {
+	if len(bitmap) < v.DirtyBitmapWords() {
+		return 0, fmt.Errorf("dirty bitmap of %d words, need %d", len(bitmap), v.DirtyBitmapWords())
+	}
+	count := 0
+	for i, r := range v.mem.Regions() {
+		first := r.Offset / guestmem.PageSize / 64 // slots start on 2 MiB boundaries
+		words := (r.Size/guestmem.PageSize + 63) / 64
+		slot := make([]uint64, words)
+		if err := v.kvm.GetDirtyLog(uint32(i), slot); err != nil {
+			return count, err
+		}
+		dst := bitmap[first : first+words]
+		for w, bitsSet := range slot {
+			dst[w] |= bitsSet
+			count += bits.OnesCount64(bitsSet)
+		}
+	}
+	return count, nil
+}

@@ -52,7 +52,21 @@ type Reader struct {
 	finished bool
 	started  bool
 	cbErr    error
+
+	// mode says what the input holds: a whole stream (NewReader), or
+	// only the machine sections (DecodeMachine) or one memory chunk
+	// (DecodePageChunk) of one.
+	mode readMode
 }
+
+// readMode is what a Reader's input holds after the header.
+type readMode int
+
+const (
+	modeStream  readMode = iota // sections up to and including the end section
+	modeMachine                 // non-memory sections up to the end of the input
+	modeChunk                   // exactly one memory chunk section
+)
 
 // NewReader reads and validates the header.
 func NewReader(r io.Reader, opts ReaderOptions) (*Reader, error) {
@@ -180,6 +194,23 @@ func (r *Reader) ReadAll(m *Machine, page func(gpa uint64, data []byte) error) (
 	r.started = true
 	defer r.closeDecoder()
 	*m = Machine{Header: r.Header()}
+	if warnings, err = r.readSections(m, page); err != nil {
+		return warnings, err
+	}
+	if r.opts.RequireEOF {
+		var b [1]byte
+		if n, _ := io.ReadFull(r.r, b[:]); n > 0 {
+			return warnings, &FormatError{Section: -1, Offset: r.off, Msg: fmt.Sprintf("unexpected data after the end section at byte %d", r.off)}
+		}
+	}
+	r.finished = true
+	return warnings, nil
+}
+
+// readSections reads sections until the end section (or, for machine
+// sections alone, the end of the input), collecting at most maxWarnings
+// warnings, and sorts m's vCPUs by id.
+func (r *Reader) readSections(m *Machine, page func(gpa uint64, data []byte) error) (warnings []string, err error) {
 	var dropped int
 	warn := func(ws ...string) {
 		for _, w := range ws {
@@ -206,13 +237,6 @@ func (r *Reader) ReadAll(m *Machine, page func(gpa uint64, data []byte) error) (
 		}
 	}
 	slices.SortFunc(m.VCPUs, func(a, b VCPU) int { return cmp.Compare(a.ID, b.ID) })
-	if r.opts.RequireEOF {
-		var b [1]byte
-		if n, _ := io.ReadFull(r.r, b[:]); n > 0 {
-			return warnings, &FormatError{Section: -1, Offset: r.off, Msg: fmt.Sprintf("unexpected data after the end section at byte %d", r.off)}
-		}
-	}
-	r.finished = true
 	return warnings, nil
 }
 
@@ -226,6 +250,16 @@ func (r *Reader) section(m *Machine, page func(uint64, []byte) error, have *pres
 	r.off += int64(n)
 	switch {
 	case n == 0 && (err == io.EOF || err == io.ErrUnexpectedEOF):
+		switch r.mode {
+		case modeMachine:
+			// The machine sections end with the input.
+			if msg := have.missing(); msg != "" {
+				return true, &FormatError{Section: -1, Name: "machine state", Offset: r.off, Msg: msg}
+			}
+			return true, nil
+		case modeChunk:
+			return false, &FormatError{Section: idx, Name: sectionTypeName(SectionMemory), Offset: r.off, Truncated: true}
+		}
 		return false, &FormatError{Section: idx, Offset: r.off, Truncated: true}
 	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
 		return false, &FormatError{Section: idx, Name: "section header", Offset: r.off, Truncated: true}
@@ -259,6 +293,13 @@ func (r *Reader) section(m *Machine, page func(uint64, []byte) error, have *pres
 	crc := crc32.Checksum(r.buf, castagnoli)
 	if s := le.Uint32(stored[:]); s != crc && !r.opts.skipChecksums {
 		return false, fail("checksum mismatch (stored %#08x, computed %#08x)", s, crc)
+	}
+
+	switch {
+	case r.mode == modeMachine && (typ == SectionMemory || typ == SectionEnd):
+		return false, fail("%s sections are not part of the machine state", name)
+	case r.mode == modeChunk && typ != SectionMemory:
+		return false, fail("a memory chunk section was expected")
 	}
 
 	known := true
@@ -342,7 +383,9 @@ func (r *Reader) section(m *Machine, page func(uint64, []byte) error, have *pres
 	case SectionMemory:
 		r.cbErr = nil
 		n, err := decodeChunk(payload, r.h.Regions, func(gpa uint64, data []byte) error {
-			r.mem.add(gpa, data)
+			if r.mem != nil {
+				r.mem.add(gpa, data)
+			}
 			if page == nil {
 				return nil
 			}
@@ -385,10 +428,19 @@ func (r *Reader) end(p []byte, have *presence, fail func(string, ...any) error) 
 	if crcs != r.crcs && !r.opts.skipChecksums {
 		return fail("checksum over section checksums mismatch (stored %#08x, computed %#08x)", crcs, r.crcs)
 	}
+	if msg := have.missing(); msg != "" {
+		return fail("%s", msg)
+	}
+	return nil
+}
+
+// missing describes the first required section that has not been read,
+// or returns "" when every one has.
+func (have *presence) missing() string {
 	if have.nvcpus != len(have.vcpus) {
 		for id, ok := range have.vcpus {
 			if !ok {
-				return fail("required section vcpu %d missing (%d of %d vCPUs present)", id, have.nvcpus, len(have.vcpus))
+				return fmt.Sprintf("required section vcpu %d missing (%d of %d vCPUs present)", id, have.nvcpus, len(have.vcpus))
 			}
 		}
 	}
@@ -397,21 +449,17 @@ func (r *Reader) end(p []byte, have *presence, fail func(string, ...any) error) 
 		name string
 	}{{have.irqchip, "irqchip"}, {have.pit, "pit"}, {have.clock, "clock"}, {have.devices, "devices"}} {
 		if !s.ok {
-			return fail("required section %s missing", s.name)
+			return fmt.Sprintf("required section %s missing", s.name)
 		}
 	}
-	return nil
+	return ""
 }
 
 // decompress inflates a memory chunk into r.dbuf, never beyond
 // MaxChunkLength.
 func (r *Reader) decompress(p []byte) ([]byte, error) {
 	if r.dec == nil {
-		dec, err := zstd.NewReader(nil,
-			zstd.WithDecoderConcurrency(1),
-			zstd.WithDecoderLowmem(true),
-			zstd.WithDecoderMaxMemory(MaxChunkLength),
-			zstd.WithDecoderMaxWindow(MaxChunkLength))
+		dec, err := newChunkDecoder(1)
 		if err != nil {
 			return nil, err
 		}
@@ -428,6 +476,16 @@ func (r *Reader) decompress(p []byte) ([]byte, error) {
 		return nil, fmt.Errorf("decompressed length exceeds %d", MaxChunkLength)
 	}
 	return out, nil
+}
+
+// newChunkDecoder returns a zstd decoder for memory chunks, bounded to the
+// chunk limit, that can decode concurrency chunks at a time.
+func newChunkDecoder(concurrency int) (*zstd.Decoder, error) {
+	return zstd.NewReader(nil,
+		zstd.WithDecoderConcurrency(concurrency),
+		zstd.WithDecoderLowmem(true),
+		zstd.WithDecoderMaxMemory(MaxChunkLength),
+		zstd.WithDecoderMaxWindow(MaxChunkLength))
 }
 
 func (r *Reader) closeDecoder() {

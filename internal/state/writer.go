@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"slices"
 
 	"github.com/klauspost/compress/zstd"
 
@@ -70,47 +71,84 @@ type Writer struct {
 // value is an error), an empty Arch means "x86_64", and opts.Compress sets
 // FlagMemoryCompressed.
 func NewWriter(w io.Writer, h Header, opts WriterOptions) (*Writer, error) {
+	h, err := prepareHeader(h)
+	if err != nil {
+		return nil, err
+	}
+	if opts.Compress {
+		h.Flags |= FlagMemoryCompressed
+	}
+	sw := &Writer{w: w, h: h}
+	if opts.Compress {
+		level, err := zstdLevel(opts.Level)
+		if err != nil {
+			return nil, err
+		}
+		enc, err := newChunkEncoder(level)
+		if err != nil {
+			return nil, err
+		}
+		sw.enc = enc
+	}
+	if _, err := w.Write(appendStreamHeader(nil, &h)); err != nil {
+		sw.closeEncoder()
+		return nil, fmt.Errorf("state: writing header: %w", err)
+	}
+	return sw, nil
+}
+
+// prepareHeader normalizes a header for writing (format version, default
+// architecture, a private copy of the regions) and validates it.
+func prepareHeader(h Header) (Header, error) {
 	if h.FormatVersion != 0 && h.FormatVersion != FormatVersion {
-		return nil, fmt.Errorf("state: cannot write format version %d (this ferry writes %d)", h.FormatVersion, FormatVersion)
+		return h, fmt.Errorf("state: cannot write format version %d (this ferry writes %d)", h.FormatVersion, FormatVersion)
 	}
 	h.FormatVersion = FormatVersion
 	if h.Arch == "" {
 		h.Arch = ArchX86_64
 	}
-	if opts.Compress {
-		h.Flags |= FlagMemoryCompressed
-	}
 	h.Regions = append([]guestmem.Region(nil), h.Regions...)
 	if err := validateHeader(&h); err != nil {
-		return nil, fmt.Errorf("state: invalid header: %v", err)
+		return h, fmt.Errorf("state: invalid header: %v", err)
 	}
-	sw := &Writer{w: w, h: h}
-	if opts.Compress {
-		level := zstd.SpeedFastest
-		if opts.Level != 0 {
-			if opts.Level < 1 || opts.Level > 22 {
-				return nil, fmt.Errorf("state: zstd level %d out of range 1-22", opts.Level)
-			}
-			level = zstd.EncoderLevelFromZstd(opts.Level)
-		}
-		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(1))
-		if err != nil {
-			return nil, fmt.Errorf("state: zstd encoder: %v", err)
-		}
-		sw.enc = enc
-	}
-	body := encodeHeader(&h)
-	b := make([]byte, 0, prefixSize+len(body)+crcSize)
+	return h, nil
+}
+
+// appendStreamHeader appends the stream header: prefix, header body and
+// header CRC. The header's FormatVersion is not consulted: the prefix
+// always carries FormatVersion.
+func appendStreamHeader(b []byte, h *Header) []byte {
+	body := encodeHeader(h)
+	start := len(b)
+	b = slices.Grow(b, prefixSize+len(body)+crcSize)
 	b = append(b, Magic...)
 	b = le.AppendUint32(b, FormatVersion)
 	b = le.AppendUint32(b, uint32(len(body)))
 	b = append(b, body...)
-	b = le.AppendUint32(b, crc32.Checksum(b, castagnoli))
-	if _, err := w.Write(b); err != nil {
-		sw.closeEncoder()
-		return nil, fmt.Errorf("state: writing header: %w", err)
+	return le.AppendUint32(b, crc32.Checksum(b[start:], castagnoli))
+}
+
+// zstdLevel maps a zstd level as the zstd tool counts (1-22; 0 for the
+// fastest) to the encoder's level.
+func zstdLevel(level int) (zstd.EncoderLevel, error) {
+	if level == 0 {
+		return zstd.SpeedFastest, nil
 	}
-	return sw, nil
+	if level < 1 || level > 22 {
+		return 0, fmt.Errorf("state: zstd level %d out of range 1-22", level)
+	}
+	return zstd.EncoderLevelFromZstd(level), nil
+}
+
+// newChunkEncoder returns an encoder for memory chunks. Every chunk
+// encoder has the same options, so a chunk compresses to the same bytes
+// whichever encoder does it.
+func newChunkEncoder(level zstd.EncoderLevel) (*zstd.Encoder, error) {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		return nil, fmt.Errorf("state: zstd encoder: %v", err)
+	}
+	return enc, nil
 }
 
 // Header returns the header as written.
@@ -135,25 +173,35 @@ func newSection(sizeHint int) []byte {
 	return make([]byte, sectionHeaderSize, sectionHeaderSize+sizeHint+crcSize)
 }
 
-// emit completes the section in sec (header room followed by the payload),
-// appends its CRC and writes it. It returns the bytes written.
-func (w *Writer) emit(typ, flags uint16, sec []byte) (int, error) {
-	if err := w.usable(); err != nil {
-		return 0, err
-	}
+// sealSection completes the section in sec (header room followed by the
+// payload): it fills in the section header and appends the CRC, which it
+// also returns.
+func sealSection(typ, flags uint16, sec []byte) ([]byte, uint32, error) {
 	n := uint64(len(sec) - sectionHeaderSize)
 	limit := uint64(MaxSectionLength)
 	if typ == SectionMemory {
 		limit = MaxChunkLength
 	}
 	if n > limit {
-		return 0, fmt.Errorf("state: %s section of %d bytes exceeds the limit of %d", sectionTypeName(typ), n, limit)
+		return nil, 0, fmt.Errorf("state: %s section of %d bytes exceeds the limit of %d", sectionTypeName(typ), n, limit)
 	}
 	le.PutUint16(sec[0:], typ)
 	le.PutUint16(sec[2:], flags)
 	le.PutUint64(sec[4:], n)
 	crc := crc32.Checksum(sec, castagnoli)
-	sec = le.AppendUint32(sec, crc)
+	return le.AppendUint32(sec, crc), crc, nil
+}
+
+// emit completes the section in sec (header room followed by the payload),
+// appends its CRC and writes it. It returns the bytes written.
+func (w *Writer) emit(typ, flags uint16, sec []byte) (int, error) {
+	if err := w.usable(); err != nil {
+		return 0, err
+	}
+	sec, crc, err := sealSection(typ, flags, sec)
+	if err != nil {
+		return 0, err
+	}
 	if _, err := w.w.Write(sec); err != nil {
 		w.err = fmt.Errorf("state: writing %s section: %w", sectionTypeName(typ), err)
 		return 0, w.err
@@ -179,45 +227,65 @@ func (w *Writer) WriteMachine(m *Machine) error {
 	if w.machine {
 		return errors.New("state: machine state already written")
 	}
-	if uint64(len(m.VCPUs)) != uint64(w.h.CPUs) {
-		return fmt.Errorf("state: %d vCPUs, the header says %d", len(m.VCPUs), w.h.CPUs)
+	if err := checkMachine(&w.h, m); err != nil {
+		return err
 	}
-	seen := make([]bool, w.h.CPUs)
+	w.machine = true
+	return machineSections(m, func(typ uint16, sec []byte) error {
+		_, err := w.emit(typ, SectionRequired, sec)
+		return err
+	})
+}
+
+// checkMachine checks that m matches the header h: one vCPU per header CPU
+// with ids 0..CPUs-1, and vCPU 0's CPUID table has the header's
+// fingerprint.
+func checkMachine(h *Header, m *Machine) error {
+	if uint64(len(m.VCPUs)) != uint64(h.CPUs) {
+		return fmt.Errorf("state: %d vCPUs, the header says %d", len(m.VCPUs), h.CPUs)
+	}
+	seen := make([]bool, h.CPUs)
 	for i := range m.VCPUs {
 		v := &m.VCPUs[i]
-		if v.ID >= w.h.CPUs || seen[v.ID] {
-			return fmt.Errorf("state: vCPU id %d is out of range or repeated (the header has %d vCPUs)", v.ID, w.h.CPUs)
+		if v.ID >= h.CPUs || seen[v.ID] {
+			return fmt.Errorf("state: vCPU id %d is out of range or repeated (the header has %d vCPUs)", v.ID, h.CPUs)
 		}
 		seen[v.ID] = true
-		if v.ID == 0 && CPUIDFingerprint(v.CPUID) != w.h.CPUIDFingerprint {
+		if v.ID == 0 && CPUIDFingerprint(v.CPUID) != h.CPUIDFingerprint {
 			return errors.New("state: vCPU 0's CPUID table does not match the header's CPUID fingerprint")
 		}
 	}
-	w.machine = true
+	return nil
+}
+
+// machineSections encodes every non-memory section of m, in the order a
+// save file has them (the vCPUs in the order of m.VCPUs, the irqchip, the
+// PIT, the clock, the devices), and hands each to emit as a buffer with
+// room for the section header followed by the payload (see sealSection).
+func machineSections(m *Machine, emit func(typ uint16, sec []byte) error) error {
 	for i := range m.VCPUs {
 		sec, err := encodeVCPU(newSection(16<<10), &m.VCPUs[i])
 		if err != nil {
 			return fmt.Errorf("state: %v", err)
 		}
-		if _, err := w.emit(SectionVCPU, SectionRequired, sec); err != nil {
+		if err := emit(SectionVCPU, sec); err != nil {
 			return err
 		}
 	}
-	if _, err := w.emit(SectionIRQChip, SectionRequired, encodeIRQChip(newSection(512), m)); err != nil {
+	if err := emit(SectionIRQChip, encodeIRQChip(newSection(512), m)); err != nil {
 		return err
 	}
-	if _, err := w.emit(SectionPIT, SectionRequired, encodePIT(newSection(128), m)); err != nil {
+	if err := emit(SectionPIT, encodePIT(newSection(128), m)); err != nil {
 		return err
 	}
-	if _, err := w.emit(SectionClock, SectionRequired, encodeClock(newSection(64), m)); err != nil {
+	if err := emit(SectionClock, encodeClock(newSection(64), m)); err != nil {
 		return err
 	}
 	sec, err := encodeDevices(newSection(1024), &m.Devices)
 	if err != nil {
 		return fmt.Errorf("state: %v", err)
 	}
-	_, err = w.emit(SectionDevices, SectionRequired, sec)
-	return err
+	return emit(SectionDevices, sec)
 }
 
 // addPage appends one page record to the current chunk, flushing the
@@ -226,13 +294,10 @@ func (w *Writer) addPage(pfn uint64, data []byte) error {
 	if w.chunk == nil {
 		w.chunk = make([]byte, sectionHeaderSize+4, sectionHeaderSize+MaxChunkLength+crcSize)
 	}
-	w.chunk = le.AppendUint64(w.chunk, pfn)
+	w.chunk = appendPageRecord(w.chunk, pfn, data)
 	if data == nil {
-		w.chunk = append(w.chunk, PageZero)
 		w.stats.ZeroPages++
 	} else {
-		w.chunk = append(w.chunk, PageRaw)
-		w.chunk = append(w.chunk, data...)
 		w.stats.DataBytes += PageSize
 	}
 	w.chunkN++
@@ -241,6 +306,30 @@ func (w *Writer) addPage(pfn uint64, data []byte) error {
 		return w.flushChunk()
 	}
 	return nil
+}
+
+// appendPageRecord appends one page record: a zero record when data is
+// nil, a raw one otherwise.
+func appendPageRecord(b []byte, pfn uint64, data []byte) []byte {
+	b = le.AppendUint64(b, pfn)
+	if data == nil {
+		return append(b, PageZero)
+	}
+	b = append(b, PageRaw)
+	return append(b, data...)
+}
+
+// compressChunk compresses the chunk in sec (section header room, then
+// the payload) into zbuf when that makes it smaller. It returns the
+// section to emit with its flags, and the compression buffer (grown if it
+// had to).
+func compressChunk(enc *zstd.Encoder, sec, zbuf []byte) (out []byte, flags uint16, z []byte) {
+	payload := sec[sectionHeaderSize:]
+	z = enc.EncodeAll(payload, zbuf[:sectionHeaderSize])
+	if len(z)-sectionHeaderSize < len(payload) {
+		return z, SectionRequired | SectionZstd, z
+	}
+	return sec, SectionRequired, z
 }
 
 // flushChunk writes the current chunk, compressed if that makes it
@@ -255,11 +344,7 @@ func (w *Writer) flushChunk() error {
 		if w.zbuf == nil {
 			w.zbuf = make([]byte, 0, sectionHeaderSize+MaxChunkLength+crcSize)
 		}
-		payload := w.chunk[sectionHeaderSize:]
-		z := w.enc.EncodeAll(payload, w.zbuf[:sectionHeaderSize])
-		if len(z)-sectionHeaderSize < len(payload) {
-			sec, flags, w.zbuf = z, SectionRequired|SectionZstd, z
-		}
+		sec, flags, w.zbuf = compressChunk(w.enc, w.chunk, w.zbuf)
 	}
 	n, err := w.emit(SectionMemory, flags, sec)
 	if err != nil {

@@ -1,0 +1,149 @@
+package migration
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/ferry-vmm/ferry/internal/units"
+)
+
+// Phase names a stage of a migration, for progress and the report.
+type Phase string
+
+// Phases in the order a migration passes them.
+const (
+	PhaseSetup     Phase = "setup"
+	PhasePreCopy   Phase = "precopy"
+	PhaseStopCopy  Phase = "stopcopy"
+	PhaseHandover  Phase = "handover"
+	PhaseCompleted Phase = "completed"
+	PhaseFailed    Phase = "failed"
+)
+
+// Switch reasons: why pre-copy ended.
+const (
+	SwitchConverged     = "converged"
+	SwitchMaxIterations = "forced: max iterations"
+	SwitchTimeout       = "forced: pre-copy timeout"
+	SwitchStopCopyMode  = "stop-and-copy mode"
+)
+
+// Iteration is one pass over the pages to send.
+type Iteration struct {
+	N          int           `json:"n"`
+	Phase      Phase         `json:"phase"`
+	Pages      uint64        `json:"pages"`      // pages sent (zero records included)
+	Resent     uint64        `json:"resent"`     // of those, pages sent before
+	ZeroPages  uint64        `json:"zero_pages"` // sent as zero records (no data)
+	Bytes      uint64        `json:"bytes"`      // bytes on the wire for this pass
+	Duration   time.Duration `json:"duration_ns"`
+	DirtyPages uint64        `json:"dirty_pages"` // dirtied while this pass ran
+	DirtyRate  float64       `json:"dirty_rate"`  // bytes/s dirtied while this pass ran
+	Throughput float64       `json:"throughput"`  // bytes/s on the wire
+}
+
+// Report is what a migration measured. Durations are nanoseconds in JSON.
+type Report struct {
+	ID               string        `json:"id"`
+	VM               string        `json:"vm"`
+	Mode             Mode          `json:"mode"`
+	Destination      string        `json:"destination,omitempty"`
+	Result           string        `json:"result"` // "completed", "failed", "cancelled"
+	Error            string        `json:"error,omitempty"`
+	RolledBack       bool          `json:"rolled_back"` // the guest kept running on the source
+	SwitchReason     string        `json:"switch_reason,omitempty"`
+	TotalTime        time.Duration `json:"total_time_ns"`
+	SetupTime        time.Duration `json:"setup_time_ns"`
+	PrecopyTime      time.Duration `json:"precopy_time_ns"`
+	Downtime         time.Duration `json:"downtime_ns"`                 // source pause to destination resume (VMM view)
+	GuestDowntime    time.Duration `json:"guest_downtime_ns,omitempty"` // largest heartbeat gap around the switch (guest view)
+	RestoreTime      time.Duration `json:"restore_time_ns"`             // destination: state applied
+	BytesTotal       uint64        `json:"bytes_total"`
+	BytesPrecopy     uint64        `json:"bytes_precopy"`
+	BytesStopCopy    uint64        `json:"bytes_stopcopy"`
+	BytesState       uint64        `json:"bytes_state"` // machine state (registers, devices)
+	PagesSent        uint64        `json:"pages_sent"`
+	PagesResent      uint64        `json:"pages_resent"`
+	ZeroPagesSkipped uint64        `json:"zero_pages_skipped"` // never sent: zero at iteration 0
+	MemoryBytes      uint64        `json:"memory_bytes"`
+	AvgThroughput    float64       `json:"avg_throughput"` // bytes/s over the whole migration
+	Iterations       []Iteration   `json:"iterations"`
+	BandwidthLimit   int64         `json:"bandwidth_limit,omitempty"`
+	DowntimeLimit    time.Duration `json:"downtime_limit_ns"`
+}
+
+// WriteTable renders the report for people.
+func (r *Report) WriteTable(w io.Writer) {
+	row := func(k, v string) { fmt.Fprintf(w, "  %-22s %s\n", k, v) }
+	fmt.Fprintf(w, "migration %s of %s: %s\n", r.ID, r.VM, r.Result)
+	if r.Error != "" {
+		row("error", r.Error)
+	}
+	if r.RolledBack {
+		row("rollback", "guest kept running on the source")
+	}
+	row("mode", string(r.Mode))
+	if r.SwitchReason != "" {
+		row("switch", r.SwitchReason)
+	}
+	row("total time", ms(r.TotalTime))
+	row("setup", ms(r.SetupTime))
+	row("pre-copy", ms(r.PrecopyTime))
+	row("downtime (VMM)", ms(r.Downtime)+fmt.Sprintf("  (limit %s)", ms(r.DowntimeLimit)))
+	if r.GuestDowntime > 0 {
+		row("downtime (guest)", ms(r.GuestDowntime))
+	}
+	row("restore (dest)", ms(r.RestoreTime))
+	row("memory", units.FormatBytes(r.MemoryBytes))
+	row("bytes on the wire", fmt.Sprintf("%s (pre-copy %s, stop-copy %s, state %s)", units.FormatBytes(r.BytesTotal),
+		units.FormatBytes(r.BytesPrecopy), units.FormatBytes(r.BytesStopCopy), units.FormatBytes(r.BytesState)))
+	row("pages", fmt.Sprintf("%d sent, %d re-sent, %d zero pages skipped", r.PagesSent, r.PagesResent, r.ZeroPagesSkipped))
+	row("throughput", rate(r.AvgThroughput))
+	if len(r.Iterations) > 0 {
+		fmt.Fprintf(w, "  %4s %-9s %9s %9s %10s %9s %11s %11s\n", "iter", "phase", "pages", "resent", "bytes", "time", "dirty rate", "throughput")
+		for _, it := range r.Iterations {
+			fmt.Fprintf(w, "  %4d %-9s %9d %9d %10s %9s %11s %11s\n", it.N, it.Phase, it.Pages, it.Resent,
+				units.FormatBytes(it.Bytes), ms(it.Duration), rate(it.DirtyRate), rate(it.Throughput))
+		}
+	}
+}
+
+func ms(d time.Duration) string {
+	if d < time.Second {
+		return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond))
+	}
+	return fmt.Sprintf("%.2f s", d.Seconds())
+}
+
+func rate(bps float64) string {
+	if bps <= 0 {
+		return "-"
+	}
+	s := units.FormatBytes(uint64(bps))
+	return strings.Replace(s, "iB", "iB/s", 1)
+}
+
+// Progress is a snapshot of a running migration for the live display.
+type Progress struct {
+	Phase          Phase         `json:"phase"`
+	Iteration      int           `json:"iteration"`
+	RemainingBytes uint64        `json:"remaining_bytes"` // dirty data still to send
+	DirtyRate      float64       `json:"dirty_rate"`
+	Throughput     float64       `json:"throughput"`
+	ETA            time.Duration `json:"eta_ns"`
+	Elapsed        time.Duration `json:"elapsed_ns"`
+	BytesSent      uint64        `json:"bytes_sent"`
+}
+
+// Line renders Progress as one status line.
+func (p Progress) Line() string {
+	eta := "-"
+	if p.ETA > 0 {
+		eta = ms(p.ETA)
+	}
+	return fmt.Sprintf("%-9s iter %-3d remaining %9s  dirty %11s  throughput %11s  sent %9s  elapsed %8s  eta %s",
+		p.Phase, p.Iteration, units.FormatBytes(p.RemainingBytes), rate(p.DirtyRate), rate(p.Throughput),
+		units.FormatBytes(p.BytesSent), ms(p.Elapsed), eta)
+}

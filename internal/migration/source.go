@@ -1,0 +1,535 @@
+package migration
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/ferry-vmm/ferry/internal/guestmem"
+	"github.com/ferry-vmm/ferry/internal/state"
+	"github.com/ferry-vmm/ferry/internal/version"
+	"github.com/ferry-vmm/ferry/internal/vmm"
+	"github.com/ferry-vmm/ferry/internal/wire"
+)
+
+// ErrOutcomeUnknown means the connection failed after the last byte was
+// sent and before the destination confirmed: the destination may or may
+// not run the guest, so the source leaves it paused rather than risk two
+// running copies.
+var ErrOutcomeUnknown = errors.New("migration outcome unknown: the destination may be running the guest; the source VM is left paused")
+
+// Source sends a running VM.
+type Source struct {
+	VM   *vmm.VM
+	Name string
+	Opts Options
+	// Progress, if set, receives a snapshot after every batch of pages.
+	Progress func(Progress)
+	// Resolve, if set, is asked when the connection fails after the
+	// complete machine was sent and before the destination's confirmation:
+	// it must find out (from the destination host, on another channel)
+	// whether the destination runs the guest, and make sure it never will
+	// if it does not yet. Without it such a failure leaves the source paused.
+	Resolve func(ctx context.Context, id string) (destinationRunning bool, err error)
+	Log     *slog.Logger
+
+	limiter *limiter
+	// onFinalState sees the machine state sent at hand-over (tests).
+	onFinalState func(*state.Machine)
+	mu           sync.Mutex
+	cancel       context.CancelCauseFunc
+}
+
+// SetBandwidth changes the bandwidth cap of a running migration.
+func (s *Source) SetBandwidth(bytesPerSec int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.Opts.Bandwidth = bytesPerSec
+	if s.limiter != nil {
+		s.limiter.SetRate(bytesPerSec)
+	}
+}
+
+// ErrCancelled is the cause of a migration cancelled by the operator.
+var ErrCancelled = errors.New("migration cancelled by the operator")
+
+// Cancel aborts a running migration; the guest keeps running on the source.
+func (s *Source) Cancel() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cancel != nil {
+		s.cancel(ErrCancelled)
+	}
+}
+
+// sender is the state of one outgoing migration.
+type sender struct {
+	*Source
+	ctx        context.Context
+	conn       *wire.Conn
+	mem        *guestmem.Memory
+	pages      pageIndex
+	rep        *Report
+	start      time.Time
+	sent       []uint64 // bitmap: pages sent at least once
+	inbox      chan wire.Msg
+	recvErr    chan error
+	progress   Progress
+	id         [16]byte
+	paused     bool
+	complete   bool // every byte of the guest was handed to the connection
+	hello      *wire.Hello
+	chunks     uint64 // Pages messages sent
+	chunkBytes uint64 // bytes of their chunks
+}
+
+// Run migrates the VM over rw. On success the destination runs the guest
+// and the source VM has been stopped. On failure before the destination's
+// confirmation the guest runs on at the source (Report.RolledBack).
+func (s *Source) Run(ctx context.Context, rw io.ReadWriter) (*Report, error) {
+	opts := s.Opts.withDefaults()
+	s.Opts = opts
+	if s.Log == nil {
+		s.Log = slog.New(slog.DiscardHandler)
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	s.mu.Lock()
+	s.cancel = cancel
+	s.limiter = newLimiter(opts.Bandwidth)
+	s.mu.Unlock()
+
+	mem := s.VM.Memory()
+	idb := make([]byte, 16)
+	rand.Read(idb)
+	x := &sender{
+		Source: s, ctx: ctx, conn: wire.NewConn(rw), mem: mem,
+		pages: pageIndex{regions: mem.Regions()}, start: time.Now(),
+		sent:  make([]uint64, s.VM.DirtyBitmapWords()),
+		inbox: make(chan wire.Msg, 16), recvErr: make(chan error, 1),
+		rep: &Report{
+			ID: hex.EncodeToString(idb), VM: s.Name, Mode: opts.Mode, MemoryBytes: mem.Size(),
+			BandwidthLimit: opts.Bandwidth, DowntimeLimit: opts.DowntimeLimit,
+		},
+	}
+	copy(x.id[:], idb)
+	err := x.run()
+	x.rep.TotalTime = time.Since(x.start)
+	x.rep.BytesTotal = x.conn.BytesSent()
+	if x.rep.TotalTime > 0 {
+		x.rep.AvgThroughput = float64(x.rep.BytesTotal) / x.rep.TotalTime.Seconds()
+	}
+	if err != nil {
+		x.rep.Result = "failed"
+		if errors.Is(err, ErrCancelled) {
+			x.rep.Result = "cancelled"
+		}
+		x.rep.Error = err.Error()
+		x.report(PhaseFailed, 0)
+		return x.rep, err
+	}
+	x.rep.Result = "completed"
+	x.report(PhaseCompleted, 0)
+	return x.rep, nil
+}
+
+func (x *sender) run() error {
+	if err := x.handshake(); err != nil {
+		return err // nothing was paused: the guest never stopped
+	}
+	go x.receive()
+	x.rep.SetupTime = time.Since(x.start)
+	err := x.transfer()
+	if err == nil {
+		return nil
+	}
+	return x.rollback(err)
+}
+
+// handshake sends Hello and waits for Welcome: protocol version, memory
+// layout, vCPU count and CPU features are checked before anything stops.
+func (x *sender) handshake() error {
+	x.report(PhaseSetup, 0)
+	if err := x.VM.Pause(); err != nil {
+		return fmt.Errorf("reading the guest's CPU model: %w", err)
+	}
+	m, err := x.VM.Capture()
+	x.VM.Resume()
+	if err != nil {
+		return fmt.Errorf("reading the guest's CPU model: %w", err)
+	}
+	hello := &wire.Hello{
+		ProtocolVersion: wire.ProtocolVersion, MinVersion: wire.MinProtocolVersion,
+		FerryVersion: version.Version, VMName: x.Name, Mode: string(x.Opts.Mode),
+		Header: m.Header, CPUID: m.VCPUs[0].CPUID, MigrationID: x.id,
+		Options: wire.Options{Codec: compressionName(x.Opts.Compress), PageSize: guestmem.PageSize, Streams: 1},
+	}
+	x.hello = hello
+	if err := x.conn.WriteMsg(hello); err != nil {
+		return fmt.Errorf("sending hello: %w", err)
+	}
+	reply, err := x.readDirect()
+	if err != nil {
+		return fmt.Errorf("waiting for the destination's welcome: %w", err)
+	}
+	switch r := reply.(type) {
+	case *wire.Welcome:
+		if err := r.Check(hello); err != nil {
+			return fmt.Errorf("destination's welcome: %w", err)
+		}
+		return nil
+	case *wire.Refuse:
+		return fmt.Errorf("destination refused the migration (%s): %s", r.Code, r.Reason)
+	case *wire.Error:
+		return fmt.Errorf("destination error: %s", r.Message)
+	}
+	return fmt.Errorf("destination answered hello with %T", reply)
+}
+
+func compressionName(on bool) string {
+	if on {
+		return "zstd"
+	}
+	return "none"
+}
+
+// readDirect reads one message before the receive goroutine runs,
+// honouring cancellation.
+func (x *sender) readDirect() (wire.Msg, error) {
+	type res struct {
+		m   wire.Msg
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		m, err := x.conn.ReadMsg()
+		ch <- res{m, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.m, r.err
+	case <-x.ctx.Done():
+		return nil, context.Cause(x.ctx)
+	}
+}
+
+// receive passes the destination's messages to the sender.
+func (x *sender) receive() {
+	for {
+		m, err := x.conn.ReadMsg()
+		if err != nil {
+			x.recvErr <- err
+			return
+		}
+		select {
+		case x.inbox <- m:
+		case <-x.ctx.Done():
+			return
+		}
+	}
+}
+
+// checkPeer surfaces an error or cancellation from the destination side
+// without blocking.
+func (x *sender) checkPeer() error {
+	for {
+		select {
+		case m := <-x.inbox:
+			if err := peerError(m); err != nil {
+				return err
+			}
+		case err := <-x.recvErr:
+			return fmt.Errorf("connection to the destination lost: %w", err)
+		case <-x.ctx.Done():
+			return context.Cause(x.ctx)
+		default:
+			return nil
+		}
+	}
+}
+
+func peerError(m wire.Msg) error {
+	switch r := m.(type) {
+	case *wire.Error:
+		return fmt.Errorf("destination failed (%s): %s", r.Code, r.Message)
+	case *wire.Cancel:
+		return fmt.Errorf("destination cancelled: %s", r.Reason)
+	}
+	return nil
+}
+
+func (x *sender) transfer() error {
+	if x.Opts.Mode == ModeStopCopy {
+		x.rep.SwitchReason = SwitchStopCopyMode
+		return x.handover(nil)
+	}
+	dirty := make([]uint64, len(x.sent))
+	if err := x.VM.StartDirtyLog(); err != nil {
+		return err
+	}
+	defer x.VM.StopDirtyLog()
+	precopyStart := time.Now()
+	// Iteration 0: every page that is not zero; later iterations: what
+	// the guest dirtied meanwhile.
+	all := make([]uint64, len(x.sent))
+	for i := range all {
+		all[i] = ^uint64(0)
+	}
+	if extra := uint64(len(all))*64 - x.mem.Size()/guestmem.PageSize; extra > 0 {
+		all[len(all)-1] >>= extra
+	}
+	todo := all
+	for iter := 0; ; iter++ {
+		it, err := x.sendPass(iter, PhasePreCopy, todo, iter == 0)
+		if err != nil {
+			return err
+		}
+		clear(dirty)
+		n, err := x.VM.FetchDirty(dirty)
+		if err != nil {
+			return err
+		}
+		it.DirtyPages = uint64(n)
+		if it.Duration > 0 {
+			it.DirtyRate = float64(n) * guestmem.PageSize / it.Duration.Seconds()
+		}
+		x.rep.Iterations = append(x.rep.Iterations, *it)
+		x.rep.BytesPrecopy += it.Bytes
+		if err := x.conn.WriteMsg(&wire.IterationDone{Iteration: uint32(iter), PagesSent: it.Pages, BytesSent: it.Bytes, DirtyPages: uint64(n)}); err != nil {
+			return fmt.Errorf("connection to the destination lost: %w", err)
+		}
+		remaining := float64(n) * guestmem.PageSize
+		bw := it.Throughput
+		x.progress.RemainingBytes = uint64(remaining)
+		x.progress.DirtyRate = it.DirtyRate
+		switch {
+		case bw > 0 && time.Duration(remaining/bw*float64(time.Second)) <= x.Opts.DowntimeLimit:
+			x.rep.SwitchReason = SwitchConverged
+		case iter+1 >= x.Opts.MaxIterations:
+			x.rep.SwitchReason = SwitchMaxIterations
+		case time.Since(precopyStart) >= x.Opts.PrecopyTimeout:
+			x.rep.SwitchReason = SwitchTimeout
+		}
+		if x.rep.SwitchReason != "" {
+			x.rep.PrecopyTime = time.Since(precopyStart)
+			return x.handover(dirty)
+		}
+		todo = append(todo[:0:0], dirty...)
+	}
+}
+
+// sendPass sends the pages set in todo. With skipZero (iteration 0) zero
+// pages are left out: the destination's memory starts zeroed.
+func (x *sender) sendPass(iter int, phase Phase, todo []uint64, skipZero bool) (*Iteration, error) {
+	it := &Iteration{N: iter, Phase: phase}
+	start := time.Now()
+	bytes0 := x.conn.BytesSent()
+	var pfns []uint64
+	var data [][]byte
+	flush := func() error {
+		if len(pfns) == 0 {
+			return nil
+		}
+		msg, err := wire.NewPages(uint32(iter), phaseCode(phase), pfns, data, x.Opts.Compress, 0)
+		if err != nil {
+			return err
+		}
+		if err := x.limiter.Wait(x.ctx, len(msg.Chunk)); err != nil {
+			return context.Cause(x.ctx)
+		}
+		if err := x.conn.WriteMsg(msg); err != nil {
+			return fmt.Errorf("connection to the destination lost while sending pages: %w", err)
+		}
+		x.chunks++
+		x.chunkBytes += uint64(len(msg.Chunk))
+		pfns, data = pfns[:0], data[:0]
+		if err := x.checkPeer(); err != nil {
+			return err
+		}
+		x.progress.Phase, x.progress.Iteration = phase, iter
+		x.progress.BytesSent = x.conn.BytesSent()
+		if d := time.Since(start); d > 0 {
+			x.progress.Throughput = float64(x.conn.BytesSent()-bytes0) / d.Seconds()
+		}
+		x.emit()
+		return nil
+	}
+	bytes := x.mem.Bytes()
+	err := forEachSet(todo, func(idx uint64) error {
+		off := idx * guestmem.PageSize
+		page := bytes[off : off+guestmem.PageSize]
+		zero := isZeroPage(page)
+		if zero && skipZero {
+			x.rep.ZeroPagesSkipped++
+			return nil
+		}
+		if zero {
+			it.ZeroPages++
+		}
+		word, bit := idx/64, idx%64
+		if x.sent[word]&(1<<bit) != 0 {
+			it.Resent++
+		}
+		x.sent[word] |= 1 << bit
+		it.Pages++
+		pfns = append(pfns, x.pages.gpa(idx)/guestmem.PageSize)
+		data = append(data, page)
+		if len(pfns) == state.ChunkPages {
+			return flush()
+		}
+		return nil
+	})
+	if err == nil {
+		err = flush()
+	}
+	if err != nil {
+		return nil, err
+	}
+	it.Duration = time.Since(start)
+	it.Bytes = x.conn.BytesSent() - bytes0
+	if it.Duration > 0 {
+		it.Throughput = float64(it.Bytes) / it.Duration.Seconds()
+	}
+	x.rep.PagesSent += it.Pages
+	x.rep.PagesResent += it.Resent
+	return it, nil
+}
+
+func phaseCode(p Phase) wire.Phase {
+	if p == PhaseStopCopy {
+		return wire.PhaseStopCopy
+	}
+	return wire.PhasePreCopy
+}
+
+// handover pauses the guest, sends what is still dirty (everything in
+// stop-and-copy mode) and the machine state, and waits for the destination
+// to confirm it runs the guest.
+func (x *sender) handover(dirty []uint64) error {
+	if err := x.VM.Pause(); err != nil {
+		return err
+	}
+	x.paused = true
+	pausedAt := time.Now()
+	var todo []uint64
+	skipZero := false
+	if dirty == nil { // stop-and-copy: everything, zero pages left out
+		todo = make([]uint64, len(x.sent))
+		for i := range todo {
+			todo[i] = ^uint64(0)
+		}
+		if extra := uint64(len(todo))*64 - x.mem.Size()/guestmem.PageSize; extra > 0 {
+			todo[len(todo)-1] >>= extra
+		}
+		skipZero = true
+	} else {
+		if _, err := x.VM.FetchDirty(dirty); err != nil {
+			return err
+		}
+		todo = dirty
+	}
+	it, err := x.sendPass(len(x.rep.Iterations), PhaseStopCopy, todo, skipZero)
+	if err != nil {
+		return err
+	}
+	x.rep.Iterations = append(x.rep.Iterations, *it)
+	x.rep.BytesStopCopy = it.Bytes
+	m, err := x.VM.Capture()
+	if err != nil {
+		return err
+	}
+	if x.onFinalState != nil {
+		x.onFinalState(m)
+	}
+	ms, err := wire.NewMachineState(m)
+	if err != nil {
+		return err
+	}
+	b0 := x.conn.BytesSent()
+	if err := x.conn.WriteMsg(ms); err != nil {
+		return fmt.Errorf("connection to the destination lost while sending the machine state: %w", err)
+	}
+	done := &wire.Complete{Iterations: uint32(len(x.rep.Iterations)), Chunks: x.chunks, Pages: x.rep.PagesSent, Bytes: x.chunkBytes}
+	if err := x.conn.WriteMsg(done); err != nil {
+		return fmt.Errorf("connection to the destination lost while sending the end of the migration: %w", err)
+	}
+	x.rep.BytesState = x.conn.BytesSent() - b0
+	x.complete = true
+	x.report(PhaseHandover, 0)
+	timer := time.NewTimer(x.Opts.AckTimeout)
+	defer timer.Stop()
+	for {
+		select {
+		case msg := <-x.inbox:
+			if r, ok := msg.(*wire.Resumed); ok {
+				x.rep.Downtime = time.Since(pausedAt)
+				x.rep.RestoreTime = r.RestoreTime
+				x.VM.Stop() // released: the guest lives on at the destination
+				return nil
+			}
+			if err := peerError(msg); err != nil {
+				return err
+			}
+		case err := <-x.recvErr:
+			return fmt.Errorf("connection to the destination lost before it confirmed: %w", err)
+		case <-timer.C:
+			return fmt.Errorf("destination did not confirm within %s", x.Opts.AckTimeout)
+		case <-x.ctx.Done():
+			return context.Cause(x.ctx)
+		}
+	}
+}
+
+// rollback decides what happens to the guest after a failure. Before the
+// last byte went out the destination cannot run the guest: resume here.
+// After it, only the destination's side can tell.
+func (x *sender) rollback(cause error) error {
+	x.conn.WriteMsg(&wire.Cancel{Reason: cause.Error()}) // best effort
+	if !x.paused {
+		x.rep.RolledBack = true
+		return cause
+	}
+	if x.complete {
+		if x.Resolve == nil {
+			return fmt.Errorf("%w (%v)", ErrOutcomeUnknown, cause)
+		}
+		running, err := x.Resolve(context.WithoutCancel(x.ctx), x.rep.ID)
+		if err != nil {
+			return fmt.Errorf("%w (%v; asking the destination: %v)", ErrOutcomeUnknown, cause, err)
+		}
+		if running {
+			x.VM.Stop()
+			x.rep.Error = ""
+			return nil // the destination confirmed on the other channel
+		}
+	}
+	x.VM.Resume()
+	x.rep.RolledBack = true
+	return cause
+}
+
+func (x *sender) report(p Phase, iter int) {
+	x.progress.Phase = p
+	if iter > 0 {
+		x.progress.Iteration = iter
+	}
+	x.emit()
+}
+
+func (x *sender) emit() {
+	if x.Progress == nil {
+		return
+	}
+	p := x.progress
+	p.Elapsed = time.Since(x.start)
+	if p.Throughput > 0 && p.RemainingBytes > 0 {
+		p.ETA = time.Duration(float64(p.RemainingBytes) / p.Throughput * float64(time.Second))
+	}
+	x.Progress(p)
+}

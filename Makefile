@@ -38,11 +38,9 @@ lint:
 test: setup linux-guest lint
 	@scripts/test.sh
 
-# The main job. For now: boot the test guest with the dirty workload and
-# show its heartbeats for a few seconds (the live-migration demo replaces it).
+# The main job: two daemons on this machine, a live migration between them.
 demo: setup
-	$(BIN)/ferry run --guest test --mem 512M --cpus 2 \
-		--cmdline "workload=dirty size=256M rate=200M pattern=random exit_after=5s"
+	@scripts/demo.sh
 
 clean:
 	rm -rf $(BIN) build

@@ -25,6 +25,8 @@ func newRootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newRunCmd(), newSaveCmd(), newRestoreCmd(), newInspectCmd(), newStateCmd())
+	root.PersistentFlags().StringVar(&daemonSocket, "daemon", defaultDaemonSocket(), "the host daemon's API socket ($FERRY_DAEMON)")
+	root.AddCommand(newRunCmd(), newSaveCmd(), newRestoreCmd(), newInspectCmd(), newStateCmd(),
+		newDaemonCmd(), newPsCmd(), newStopCmd(), newConsoleCmd(), newNodesCmd(), newMigrateCmd(), newVMMCmd())
 	return root
 }

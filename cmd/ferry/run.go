@@ -28,6 +28,7 @@ type runFlags struct {
 	cpus    int
 	name    string
 	verbose bool
+	detach  bool
 }
 
 func newRunCmd() *cobra.Command {
@@ -49,38 +50,47 @@ func newRunCmd() *cobra.Command {
 	fl.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
 	fl.StringVar(&f.name, "name", "", "VM name for `ferry save --vm NAME` and friends (default vm-PID)")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log VMM events to stderr")
+	fl.BoolVarP(&f.detach, "detach", "d", false, "run under the host daemon instead of in the foreground (needs --name)")
 	return cmd
 }
 
 func runVM(cmd *cobra.Command, f runFlags) error {
-	kernelPath, err := resolveKernel(f.guest, f.kernel)
-	if err != nil {
-		return err
-	}
-	mem, err := units.ParseBytes(f.mem)
-	if err != nil {
-		return fmt.Errorf("--mem: %w", err)
-	}
-	kernel, err := os.ReadFile(kernelPath)
-	if err != nil {
-		return fmt.Errorf("reading kernel: %w", err)
-	}
-	var initrd []byte
-	if f.initrd != "" {
-		if initrd, err = os.ReadFile(f.initrd); err != nil {
-			return fmt.Errorf("reading initrd: %w", err)
-		}
+	if f.detach {
+		return runDetached(cmd, f)
 	}
 	logger := newLogger(f.verbose)
-	vm, err := vmm.New(vmm.Config{
-		MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: f.cmdline,
-		Console: cmd.OutOrStdout(), Logger: logger,
-	})
+	vm, err := buildVM(f, cmd.OutOrStdout(), logger)
 	if err != nil {
 		return err
 	}
 	defer vm.Close()
 	return runForeground(cmd, vm, f.name, logger)
+}
+
+// buildVM makes a VM from run flags.
+func buildVM(f runFlags, console io.Writer, logger *slog.Logger) (*vmm.VM, error) {
+	kernelPath, err := resolveKernel(f.guest, f.kernel)
+	if err != nil {
+		return nil, err
+	}
+	mem, err := units.ParseBytes(f.mem)
+	if err != nil {
+		return nil, fmt.Errorf("--mem: %w", err)
+	}
+	kernel, err := os.ReadFile(kernelPath)
+	if err != nil {
+		return nil, fmt.Errorf("reading kernel: %w", err)
+	}
+	var initrd []byte
+	if f.initrd != "" {
+		if initrd, err = os.ReadFile(f.initrd); err != nil {
+			return nil, fmt.Errorf("reading initrd: %w", err)
+		}
+	}
+	return vmm.New(vmm.Config{
+		MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: f.cmdline,
+		Console: console, Logger: logger,
+	})
 }
 
 // runForeground serves the VM's control socket, runs it with the console on
@@ -169,6 +179,15 @@ func findTestGuest() (string, error) {
 
 func newLogger(verbose bool) *slog.Logger {
 	level := slog.LevelWarn
+	if verbose {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+}
+
+// newLeveledLogger logs at info level, or debug when verbose.
+func newLeveledLogger(verbose bool) *slog.Logger {
+	level := slog.LevelInfo
 	if verbose {
 		level = slog.LevelDebug
 	}

@@ -9,6 +9,7 @@ package control
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,16 +21,26 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-vmm/ferry/internal/migration"
 	"github.com/ferry-vmm/ferry/internal/snapshot"
 	"github.com/ferry-vmm/ferry/internal/vmm"
 )
 
 // Request is one command to a VM.
 type Request struct {
-	Op       string `json:"op"` // "status", "pause", "resume", "save", "stop"
+	Op       string `json:"op"` // "status", "pause", "resume", "save", "stop", "migrate", "cancel", "set"
 	Path     string `json:"path,omitempty"`
 	Compress bool   `json:"compress,omitempty"`
 	Resume   bool   `json:"resume,omitempty"`
+	// Migrate: where to (the destination VMM process's address), how, and
+	// which daemon to ask if the outcome is ambiguous.
+	To             string        `json:"to,omitempty"`
+	ResolveAddr    string        `json:"resolve_addr,omitempty"`
+	Mode           string        `json:"mode,omitempty"`
+	DowntimeLimit  time.Duration `json:"downtime_limit_ns,omitempty"`
+	MaxIterations  int           `json:"max_iterations,omitempty"`
+	PrecopyTimeout time.Duration `json:"precopy_timeout_ns,omitempty"`
+	Bandwidth      int64         `json:"bandwidth,omitempty"` // bytes/s
 }
 
 // Status describes a running VM.
@@ -44,10 +55,12 @@ type Status struct {
 
 // Response answers a Request.
 type Response struct {
-	OK     bool                 `json:"ok"`
-	Error  string               `json:"error,omitempty"`
-	Status *Status              `json:"status,omitempty"`
-	Save   *snapshot.SaveReport `json:"save,omitempty"`
+	OK        bool                 `json:"ok"`
+	Error     string               `json:"error,omitempty"`
+	Status    *Status              `json:"status,omitempty"`
+	Save      *snapshot.SaveReport `json:"save,omitempty"`
+	Progress  *migration.Progress  `json:"progress,omitempty"` // a streamed update; more lines follow
+	Migration *migration.Report    `json:"migration,omitempty"`
 }
 
 // RunDir is where control sockets live: $FERRY_RUN_DIR, else /run/ferry for
@@ -75,9 +88,27 @@ type Server struct {
 	log     *slog.Logger
 	ln      net.Listener
 	started time.Time
-	mu      sync.Mutex // one command at a time
+	mu      sync.Mutex // one command at a time (migrations excepted)
 	wg      sync.WaitGroup
+
+	env       *MigrationEnv
+	migMu     sync.Mutex
+	migrating *migration.Source
 }
+
+// MigrationEnv is what a VMM process needs to send its VM away: how to
+// reach the destination (mutually authenticated TLS, from the daemon's
+// identity) and how to settle an ambiguous outcome with the destination's
+// daemon.
+type MigrationEnv struct {
+	Dial    func(ctx context.Context, addr string) (net.Conn, error)
+	Resolve func(ctx context.Context, daemonAddr, id string) (bool, error)
+	// Done is called after a successful migration (the VM is released).
+	Done func(*migration.Report)
+}
+
+// EnableMigration lets the socket accept "migrate", "cancel" and "set".
+func (s *Server) EnableMigration(env *MigrationEnv) { s.env = env }
 
 // Serve listens on path for commands to vm. A stale socket left by a dead
 // process is replaced; a live one is an error (two VMs with one name).
@@ -133,11 +164,71 @@ func (s *Server) serveConn(c net.Conn) {
 	var resp Response
 	if err := json.Unmarshal(line, &req); err != nil {
 		resp = Response{Error: fmt.Sprintf("malformed request: %v", err)}
+	} else if req.Op == "migrate" {
+		resp = s.migrate(req, func(r Response) {
+			b, _ := json.Marshal(r)
+			c.Write(append(b, '\n'))
+		})
 	} else {
 		resp = s.handle(req)
 	}
 	b, _ := json.Marshal(resp)
 	c.Write(append(b, '\n'))
+}
+
+// migrate runs a migration, streaming progress lines to send.
+func (s *Server) migrate(req Request, send func(Response)) Response {
+	if s.env == nil {
+		return Response{Error: "this VM process cannot migrate (not run by a daemon)"}
+	}
+	mode, err := migration.ParseMode(req.Mode)
+	if err != nil {
+		return Response{Error: err.Error()}
+	}
+	src := &migration.Source{
+		VM: s.vm, Name: s.name, Log: s.log,
+		Opts: migration.Options{Mode: mode, DowntimeLimit: req.DowntimeLimit, MaxIterations: req.MaxIterations,
+			PrecopyTimeout: req.PrecopyTimeout, Bandwidth: req.Bandwidth, Compress: req.Compress},
+	}
+	var last time.Time
+	var lastPhase migration.Phase
+	src.Progress = func(p migration.Progress) {
+		// At most five lines a second, but every change of phase.
+		if time.Since(last) < 200*time.Millisecond && p.Phase == lastPhase {
+			return
+		}
+		last, lastPhase = time.Now(), p.Phase
+		send(Response{OK: true, Progress: &p})
+	}
+	if req.ResolveAddr != "" && s.env.Resolve != nil {
+		src.Resolve = func(ctx context.Context, id string) (bool, error) { return s.env.Resolve(ctx, req.ResolveAddr, id) }
+	}
+	s.migMu.Lock()
+	if s.migrating != nil {
+		s.migMu.Unlock()
+		return Response{Error: "a migration of this VM is already running"}
+	}
+	s.migrating = src
+	s.migMu.Unlock()
+	defer func() {
+		s.migMu.Lock()
+		s.migrating = nil
+		s.migMu.Unlock()
+	}()
+	ctx := context.Background()
+	conn, err := s.env.Dial(ctx, req.To)
+	if err != nil {
+		return Response{Error: fmt.Sprintf("connecting to the destination %s: %v", req.To, err)}
+	}
+	defer conn.Close()
+	rep, err := src.Run(ctx, conn)
+	if err != nil {
+		return Response{Error: err.Error(), Migration: rep}
+	}
+	if s.env.Done != nil {
+		s.env.Done(rep)
+	}
+	return Response{OK: true, Migration: rep}
 }
 
 func (s *Server) handle(req Request) Response {
@@ -157,6 +248,22 @@ func (s *Server) handle(req Request) Response {
 		return Response{OK: true, Status: s.status()}
 	case "stop":
 		s.vm.Stop()
+		return Response{OK: true}
+	case "cancel":
+		s.migMu.Lock()
+		defer s.migMu.Unlock()
+		if s.migrating == nil {
+			return Response{Error: "no migration is running"}
+		}
+		s.migrating.Cancel()
+		return Response{OK: true}
+	case "set":
+		s.migMu.Lock()
+		defer s.migMu.Unlock()
+		if s.migrating == nil {
+			return Response{Error: "no migration is running"}
+		}
+		s.migrating.SetBandwidth(req.Bandwidth)
 		return Response{OK: true}
 	case "save":
 		if req.Path == "" {
@@ -180,6 +287,12 @@ func (s *Server) status() *Status {
 
 // Call sends one request to the control socket at path.
 func Call(path string, req Request, timeout time.Duration) (*Response, error) {
+	return CallStream(path, req, timeout, nil)
+}
+
+// CallStream is Call for requests answered with several lines (migrate):
+// every line but the last goes to onProgress.
+func CallStream(path string, req Request, timeout time.Duration, onProgress func(Response)) (*Response, error) {
 	c, err := net.DialTimeout("unix", path, 5*time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("no VM answers on %s: %w", path, err)
@@ -192,16 +305,25 @@ func Call(path string, req Request, timeout time.Duration) (*Response, error) {
 	if _, err := c.Write(append(b, '\n')); err != nil {
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
-	line, err := bufio.NewReader(c).ReadBytes('\n')
-	if err != nil {
-		return nil, fmt.Errorf("control socket %s: no answer: %w", path, err)
+	r := bufio.NewReader(c)
+	for {
+		line, err := r.ReadBytes('\n')
+		if err != nil {
+			return nil, fmt.Errorf("control socket %s: no answer: %w", path, err)
+		}
+		var resp Response
+		if err := json.Unmarshal(line, &resp); err != nil {
+			return nil, fmt.Errorf("control socket %s: malformed answer: %w", path, err)
+		}
+		if resp.Progress != nil {
+			if onProgress != nil {
+				onProgress(resp)
+			}
+			continue
+		}
+		if !resp.OK {
+			return &resp, errors.New(resp.Error)
+		}
+		return &resp, nil
 	}
-	var resp Response
-	if err := json.Unmarshal(line, &resp); err != nil {
-		return nil, fmt.Errorf("control socket %s: malformed answer: %w", path, err)
-	}
-	if !resp.OK {
-		return &resp, errors.New(resp.Error)
-	}
-	return &resp, nil
 }

@@ -48,3 +48,11 @@ func forEachSet(bitmap []uint64, f func(idx uint64) error) error {
 	}
 	return nil
 }
+
+func countSet(bitmap []uint64) uint64 {
+	var n uint64
+	for _, w := range bitmap {
+		n += uint64(bits.OnesCount64(w))
+	}
+	return n
+}

@@ -135,6 +135,7 @@ func (s *Source) Run(ctx context.Context, rw io.ReadWriter) (*Report, error) {
 		return x.rep, err
 	}
 	x.rep.Result = "completed"
+	x.progress.RemainingBytes = 0
 	x.report(PhaseCompleted, 0)
 	return x.rep, nil
 }
@@ -361,7 +362,11 @@ func (x *sender) sendPass(iter int, phase Phase, todo []uint64, skipZero bool) (
 		return nil
 	}
 	bytes := x.mem.Bytes()
+	left := countSet(todo)
+	x.progress.RemainingBytes = left * guestmem.PageSize
 	err := forEachSet(todo, func(idx uint64) error {
+		left--
+		x.progress.RemainingBytes = left * guestmem.PageSize
 		off := idx * guestmem.PageSize
 		page := bytes[off : off+guestmem.PageSize]
 		zero := isZeroPage(page)

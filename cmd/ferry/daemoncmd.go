@@ -1,0 +1,318 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/ferry-vmm/ferry/internal/daemon"
+	"github.com/ferry-vmm/ferry/internal/migration"
+	"github.com/ferry-vmm/ferry/internal/units"
+)
+
+// DefaultDataDir is where a daemon keeps its identity, trust pool and VMs.
+const DefaultDataDir = "/var/lib/ferry"
+
+// daemonSocket is the CLI's way to its host daemon: --daemon, $FERRY_DAEMON,
+// or the default data directory's socket.
+var daemonSocket string
+
+func defaultDaemonSocket() string {
+	if s := os.Getenv("FERRY_DAEMON"); s != "" {
+		return s
+	}
+	return filepath.Join(DefaultDataDir, "api.sock")
+}
+
+func callDaemon(req daemon.Request, each func(daemon.Response)) (*daemon.Response, error) {
+	c, err := daemon.Dial(daemonSocket)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return daemon.Call(c, req, each)
+}
+
+func newDaemonCmd() *cobra.Command {
+	var cfg daemon.Config
+	var verbose bool
+	cmd := &cobra.Command{
+		Use:   "daemon --listen ADDR --data-dir DIR",
+		Short: "Run the host daemon: VMs in their own processes, the API, incoming migrations",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg.Log = newLeveledLogger(verbose)
+			d, err := daemon.New(cfg)
+			if err != nil {
+				return err
+			}
+			id, created := d.Identity()
+			if created {
+				fmt.Fprintf(cmd.OutOrStdout(), "ferry daemon: created host identity %s\n", id.Name)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "ferry daemon: fingerprint %s\n", id.Fingerprint)
+			fmt.Fprintf(cmd.OutOrStdout(), "ferry daemon: peers on %s (TLS 1.3, trusted hosts only), CLI on %s\n", id.Listen, d.SocketPath())
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return d.Serve(ctx)
+		},
+	}
+	cmd.Flags().StringVar(&cfg.Listen, "listen", "0.0.0.0:7700", "TCP address for other daemons")
+	cmd.Flags().StringVar(&cfg.DataDir, "data-dir", DefaultDataDir, "identity, trust pool, VM sockets and logs")
+	cmd.Flags().StringVar(&cfg.Socket, "socket", "", "CLI socket (default DATA-DIR/api.sock)")
+	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
+	return cmd
+}
+
+func runDetached(cmd *cobra.Command, f runFlags) error {
+	if f.name == "" {
+		return errors.New("--detach needs --name")
+	}
+	req := daemon.Request{Op: "run", Name: f.name, Guest: f.guest, Cmdline: f.cmdline, Mem: f.mem, CPUs: f.cpus}
+	var err error
+	if f.kernel != "" {
+		if req.Kernel, err = filepath.Abs(f.kernel); err != nil {
+			return err
+		}
+	}
+	if f.initrd != "" {
+		if req.Initrd, err = filepath.Abs(f.initrd); err != nil {
+			return err
+		}
+	}
+	r, err := callDaemon(req, nil)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "VM %s running (pid %d); `ferry console %s` shows its console\n", r.VM.Name, r.VM.PID, r.VM.Name)
+	return nil
+}
+
+func newPsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "ps",
+		Short: "List the VMs of the host daemon",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			r, err := callDaemon(daemon.Request{Op: "ps"}, nil)
+			if err != nil {
+				return err
+			}
+			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "NAME\tSTATE\tPID\tMEM\tCPUS\tUPTIME")
+			for _, v := range r.VMs {
+				fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%d\t%s\n", v.Name, v.State, v.PID, v.Mem, v.CPUs, time.Since(v.Started).Round(time.Second))
+			}
+			return w.Flush()
+		},
+	}
+}
+
+func newStopCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "stop NAME",
+		Short: "Stop a VM run by the host daemon",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			_, err := callDaemon(daemon.Request{Op: "stop", Name: args[0]}, nil)
+			return err
+		},
+	}
+}
+
+func newConsoleCmd() *cobra.Command {
+	var noFollow bool
+	cmd := &cobra.Command{
+		Use:   "console NAME",
+		Short: "Show a VM's serial console and follow it (Ctrl-C leaves, the VM runs on)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			out := cmd.OutOrStdout()
+			_, err := callDaemon(daemon.Request{Op: "console", Name: args[0], Follow: !noFollow}, func(r daemon.Response) {
+				io.WriteString(out, r.Console)
+			})
+			return err
+		},
+	}
+	cmd.Flags().BoolVar(&noFollow, "no-follow", false, "print what is there and return")
+	return cmd
+}
+
+func newNodesCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "nodes", Short: "Manage the hosts this host trusts (mutual TLS between daemons)"}
+	var fp, name string
+	trustCmd := &cobra.Command{
+		Use:   "trust ADDR --fingerprint SHA256:...",
+		Short: "Trust the daemon at ADDR after checking on the wire that it has this fingerprint",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := callDaemon(daemon.Request{Op: "nodes-trust", Addr: args[0], Fingerprint: fp, Name: name}, nil)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "trusted %s (%s); it must trust this host too before migrations work\n", r.Nodes[0].Address, r.Nodes[0].Fingerprint)
+			return nil
+		},
+	}
+	trustCmd.Flags().StringVar(&fp, "fingerprint", "", "the fingerprint the other daemon printed when it started")
+	trustCmd.Flags().StringVar(&name, "name", "", "a label for the host")
+	trustCmd.MarkFlagRequired("fingerprint")
+	ls := &cobra.Command{
+		Use:   "ls",
+		Short: "List trusted hosts",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			r, err := callDaemon(daemon.Request{Op: "nodes-ls"}, nil)
+			if err != nil {
+				return err
+			}
+			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "ADDRESS\tNAME\tFINGERPRINT\tADDED")
+			for _, n := range r.Nodes {
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", n.Address, n.Name, n.Fingerprint, n.Added.Format(time.RFC3339))
+			}
+			return w.Flush()
+		},
+	}
+	rm := &cobra.Command{
+		Use:   "rm FINGERPRINT|NAME|ADDR",
+		Short: "Stop trusting a host",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			r, err := callDaemon(daemon.Request{Op: "nodes-rm", Fingerprint: args[0]}, nil)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "removed %s (%s)\n", r.Nodes[0].Address, r.Nodes[0].Fingerprint)
+			return nil
+		},
+	}
+	cmd.AddCommand(trustCmd, ls, rm)
+	return cmd
+}
+
+func newMigrateCmd() *cobra.Command {
+	var to, mode, bandwidth string
+	var downtime, timeout time.Duration
+	var maxIter int
+	var asJSON, cancel, set, compress bool
+	cmd := &cobra.Command{
+		Use:   "migrate NAME --to ADDR",
+		Short: "Move a running VM to the daemon at ADDR while it runs",
+		Example: `  ferry migrate web --to 10.0.0.2:7700 --mode precopy --downtime-limit 50ms
+  ferry migrate web --to 10.0.0.2:7700 --mode stopcopy --json
+  ferry migrate --cancel web
+  ferry migrate --set web --bandwidth 500Mbit`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			bw, err := parseBandwidth(bandwidth)
+			if err != nil {
+				return err
+			}
+			name := args[0]
+			switch {
+			case cancel:
+				_, err := callDaemon(daemon.Request{Op: "cancel", Name: name}, nil)
+				return err
+			case set:
+				_, err := callDaemon(daemon.Request{Op: "set", Name: name, Bandwidth: bw}, nil)
+				return err
+			}
+			if to == "" {
+				return errors.New("--to ADDR is required")
+			}
+			if _, err := migration.ParseMode(mode); err != nil {
+				return err
+			}
+			req := daemon.Request{Op: "migrate", Name: name, To: to, Mode: mode, DowntimeLimit: downtime,
+				MaxIterations: maxIter, PrecopyTimeout: timeout, Bandwidth: bw, Compress: compress}
+			return runMigrate(cmd, req, asJSON)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&to, "to", "", "the destination daemon's address")
+	fl.StringVar(&mode, "mode", "precopy", "precopy or stopcopy")
+	fl.DurationVar(&downtime, "downtime-limit", migration.DefaultDowntimeLimit, "pre-copy switches over once the rest fits in this")
+	fl.IntVar(&maxIter, "max-iterations", migration.DefaultMaxIterations, "force the switch after this many pre-copy passes")
+	fl.DurationVar(&timeout, "precopy-timeout", migration.DefaultPrecopyTimeout, "force the switch after this long in pre-copy")
+	fl.StringVar(&bandwidth, "bandwidth", "", "cap the transfer, e.g. 1Gbit, 500Mbit, 100MB (per second); default unlimited")
+	fl.BoolVar(&compress, "compress", false, "compress pages with zstd")
+	fl.BoolVar(&asJSON, "json", false, "print the final report as JSON")
+	fl.BoolVar(&cancel, "cancel", false, "cancel the running migration of NAME (the guest stays here)")
+	fl.BoolVar(&set, "set", false, "change --bandwidth of the running migration of NAME")
+	return cmd
+}
+
+func runMigrate(cmd *cobra.Command, req daemon.Request, asJSON bool) error {
+	out, errOut := cmd.OutOrStdout(), cmd.ErrOrStderr()
+	tty := false
+	if f, ok := errOut.(*os.File); ok {
+		tty = term.IsTerminal(int(f.Fd()))
+	}
+	var lastLine time.Time
+	r, err := callDaemon(req, func(r daemon.Response) {
+		if r.Progress == nil {
+			return
+		}
+		if tty {
+			fmt.Fprintf(errOut, "\r\033[K%s", r.Progress.Line())
+			return
+		}
+		if time.Since(lastLine) >= time.Second || r.Progress.Phase != migration.PhasePreCopy {
+			fmt.Fprintln(errOut, r.Progress.Line())
+			lastLine = time.Now()
+		}
+	})
+	if tty {
+		fmt.Fprintln(errOut)
+	}
+	var rep *migration.Report
+	if r != nil {
+		rep = r.Migration
+	}
+	if rep != nil {
+		if asJSON {
+			enc := json.NewEncoder(out)
+			enc.SetIndent("", "  ")
+			enc.Encode(rep)
+		} else {
+			rep.WriteTable(out)
+		}
+	}
+	return err
+}
+
+// parseBandwidth reads "1Gbit", "500Mbit", "100MB", "100M" (bytes) per second.
+func parseBandwidth(s string) (int64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"Gbit", 1e9 / 8}, {"Mbit", 1e6 / 8}, {"Kbit", 1e3 / 8}, {"gbit", 1e9 / 8}, {"mbit", 1e6 / 8}} {
+		if len(s) > len(u.suffix) && s[len(s)-len(u.suffix):] == u.suffix {
+			var n int64
+			if _, err := fmt.Sscanf(s[:len(s)-len(u.suffix)], "%d", &n); err != nil || n <= 0 {
+				return 0, fmt.Errorf("bandwidth %q: bad number", s)
+			}
+			return n * u.mult, nil
+		}
+	}
+	n, err := units.ParseBytes(s)
+	if err != nil {
+		return 0, fmt.Errorf("bandwidth %q: use e.g. 1Gbit, 500Mbit or 100MB: %w", s, err)
+	}
+	return int64(n), nil
+}

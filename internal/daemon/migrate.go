@@ -1,0 +1,129 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/ferry-vmm/ferry/internal/control"
+	"github.com/ferry-vmm/ferry/internal/trust"
+)
+
+// incoming starts a VMM process that waits for the migration stream of
+// req.Name on an ephemeral port of the address the peer reached us on.
+func (d *Daemon) incoming(req Request, c net.Conn) Response {
+	host, _, err := net.SplitHostPort(c.LocalAddr().String())
+	if err != nil {
+		return fail("%v", err)
+	}
+	p, out, err := d.spawn(req.Name, VMInfo{State: "incoming", Mem: req.Mem, CPUs: req.CPUs},
+		[]string{"--incoming", "--listen", net.JoinHostPort(host, "0")})
+	if err != nil {
+		return fail("%v", err)
+	}
+	line, err := readReady(p, out)
+	if err != nil {
+		return fail("incoming VM %s: %v", req.Name, err)
+	}
+	addr, ok := strings.CutPrefix(line, "LISTEN ")
+	if !ok {
+		return fail("incoming VM %s: unexpected start-up line %q", req.Name, line)
+	}
+	return Response{OK: true, Addr: addr}
+}
+
+// dialPeer opens a trusted connection to another daemon.
+func (d *Daemon) dialPeer(ctx context.Context, addr string) (net.Conn, error) {
+	c, err := trust.Dial(ctx, "tcp", addr, d.id, d.pool, d.log)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// migrate sends a VM to the daemon at req.To: that daemon starts an
+// incoming VMM process, and our VMM process streams the VM to it
+// directly (TLS, mutually authenticated with the hosts' identities).
+func (d *Daemon) migrate(req Request, send func(Response)) Response {
+	p, err := d.find(req.Name)
+	if err != nil {
+		return fail("%v", err)
+	}
+	d.mu.Lock()
+	if p.info.State != "running" {
+		d.mu.Unlock()
+		return fail("VM %s is %s, not running", req.Name, p.info.State)
+	}
+	p.info.State = "migrating"
+	info := p.info
+	d.mu.Unlock()
+	restore := func() {
+		d.mu.Lock()
+		if p.info.State == "migrating" {
+			p.info.State = "running"
+		}
+		d.mu.Unlock()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pc, err := d.dialPeer(ctx, req.To)
+	if err != nil {
+		restore()
+		return fail("connecting to the destination daemon %s: %v", req.To, err)
+	}
+	resp, err := Call(pc, Request{Op: "incoming", Name: req.Name, Mem: info.Mem, CPUs: info.CPUs}, nil)
+	pc.Close()
+	if err != nil {
+		restore()
+		if trust.RefusedByPeer(err) {
+			return fail("the destination %s does not trust this host: run `ferry nodes trust` for this host there", req.To)
+		}
+		return fail("destination %s: %v", req.To, err)
+	}
+	creq := control.Request{Op: "migrate", To: resp.Addr, ResolveAddr: req.To, Mode: req.Mode,
+		DowntimeLimit: req.DowntimeLimit, MaxIterations: req.MaxIterations, PrecopyTimeout: req.PrecopyTimeout,
+		Bandwidth: req.Bandwidth, Compress: req.Compress}
+	cr, err := control.CallStream(p.control, creq, 0, func(r control.Response) {
+		send(Response{OK: true, More: true, Progress: r.Progress})
+	})
+	if err != nil {
+		restore()
+		out := fail("migration of %s: %v", req.Name, err)
+		if cr != nil {
+			out.Migration = cr.Migration
+		}
+		return out
+	}
+	cr.Migration.Destination = req.To
+	d.mu.Lock()
+	p.info.State = "migrated" // its VMM process exits now that the guest left
+	d.mu.Unlock()
+	return Response{OK: true, Migration: cr.Migration}
+}
+
+// resolveWith asks the destination daemon whether it runs migration id.
+func resolveWith(ctx context.Context, dial func(context.Context, string) (net.Conn, error), addr, id string) (bool, error) {
+	c, err := dial(ctx, addr)
+	if err != nil {
+		return false, err
+	}
+	defer c.Close()
+	r, err := Call(c, Request{Op: "resolve", ID: id}, nil)
+	if err != nil {
+		return false, fmt.Errorf("asking %s about migration %s: %w", addr, id, err)
+	}
+	return r.Running, nil
+}
+
+// Resolve asks the daemon at addr, over a trusted connection made with
+// id and pool, whether it runs migration mid (used by a source VMM process
+// when its connection failed after the last byte and before the
+// destination's confirmation). The answer is final: a daemon that says no
+// will never start that migration's guest.
+func Resolve(ctx context.Context, id *trust.Identity, pool *trust.Pool, addr, mid string) (bool, error) {
+	return resolveWith(ctx, func(ctx context.Context, a string) (net.Conn, error) {
+		return trust.Dial(ctx, "tcp", a, id, pool, nil)
+	}, addr, mid)
+}

@@ -1,0 +1,236 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ferry-vmm/ferry/internal/migration"
+	"github.com/ferry-vmm/ferry/internal/testguest"
+)
+
+// host is one daemon of a two-host test.
+type host struct {
+	c    *cli
+	dir  string
+	addr string
+	fp   string
+	log  *testguest.Console
+}
+
+func (h *host) ferry(args ...string) (string, error) {
+	return h.c.run(append([]string{"--daemon", filepath.Join(h.dir, "api.sock")}, args...)...)
+}
+
+func (h *host) must(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := h.ferry(args...)
+	if err != nil {
+		t.Fatalf("ferry %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// console returns the VM's console log on this host.
+func (h *host) console(name string) *testguest.Console {
+	con := &testguest.Console{}
+	b, _ := os.ReadFile(filepath.Join(h.dir, "vms", name+".console"))
+	con.Write(b)
+	return con
+}
+
+var fpRE = regexp.MustCompile(`SHA256:[A-Za-z0-9+/]+`)
+
+func startHosts(t *testing.T, n int) []*host {
+	t.Helper()
+	testguest.RequireKVM(t)
+	img, err := testguest.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := ferryBinary(t)
+	var hosts []*host
+	for i := 0; i < n; i++ {
+		dir := t.TempDir()
+		c := &cli{t: t, bin: bin, dir: dir, env: append(os.Environ(), "FERRY_GUEST="+img)}
+		h := &host{c: c, dir: dir, addr: fmt.Sprintf("127.0.0.1:%d", 17700+i+10*(os.Getpid()%500))}
+		cmd, log := c.start("daemon", "--listen", h.addr, "--data-dir", dir)
+		h.log = log
+		deadline := time.Now().Add(10 * time.Second)
+		for h.fp == "" && time.Now().Before(deadline) {
+			h.fp = fpRE.FindString(log.String())
+			time.Sleep(20 * time.Millisecond)
+		}
+		for time.Now().Before(deadline) {
+			if _, err := os.Stat(filepath.Join(dir, "api.sock")); err == nil {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if h.fp == "" {
+			t.Fatalf("daemon did not print its fingerprint\n%s", log.String())
+		}
+		t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM) })
+		hosts = append(hosts, h)
+	}
+	return hosts
+}
+
+func trustEachOther(t *testing.T, a, b *host) {
+	t.Helper()
+	a.must(t, "nodes", "trust", b.addr, "--fingerprint", b.fp)
+	b.must(t, "nodes", "trust", a.addr, "--fingerprint", a.fp)
+}
+
+func waitBeats(t *testing.T, h *host, name string, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if h.console(name).Summary().Heartbeats >= n {
+			return
+		}
+	}
+	t.Fatalf("VM %s on %s: fewer than %d heartbeats\n%s", name, h.addr, n, h.console(name).String())
+}
+
+func requireClean(t *testing.T, h *host, name string) {
+	t.Helper()
+	s := h.console(name).Summary()
+	if len(s.Failures) > 0 || len(s.Exceptions) > 0 {
+		t.Fatalf("VM %s on %s reported problems:\n%s", name, h.addr, h.console(name).String())
+	}
+}
+
+// TestDaemonsMigrateBothWays: a verify guest moves from host 1 to host 2
+// (pre-copy) and back (stop-and-copy) through the daemons' API and mutual
+// TLS; its own checks stay clean and the JSON report is complete.
+func TestDaemonsMigrateBothWays(t *testing.T) {
+	hs := startHosts(t, 2)
+	h1, h2 := hs[0], hs[1]
+	trustEachOther(t, h1, h2)
+	h1.must(t, "run", "--detach", "--name", "vm", "--guest", "test", "--mem", "256M", "--cpus", "2", "--cmdline", "workload=verify size=64M")
+	waitBeats(t, h1, "vm", 6)
+	out := h1.must(t, "migrate", "vm", "--to", h2.addr, "--mode", "precopy", "--json")
+	var rep migration.Report
+	if err := json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &rep); err != nil {
+		t.Fatalf("report is not JSON: %v\n%s", err, out)
+	}
+	if rep.Result != "completed" || rep.Downtime <= 0 || rep.BytesTotal == 0 || len(rep.Iterations) < 2 || rep.SwitchReason == "" {
+		t.Fatalf("incomplete report: %+v", rep)
+	}
+	t.Logf("host1 -> host2: downtime %s, %d bytes, %d iterations, %s", rep.Downtime, rep.BytesTotal, len(rep.Iterations), rep.SwitchReason)
+	if ps := h2.must(t, "ps"); !strings.Contains(ps, "vm") || !strings.Contains(ps, "running") {
+		t.Fatalf("host 2 does not run the VM:\n%s", ps)
+	}
+	waitBeats(t, h2, "vm", 10)
+	requireClean(t, h2, "vm")
+	out = h2.must(t, "migrate", "vm", "--to", h1.addr, "--mode", "stopcopy")
+	if !strings.Contains(out, "completed") || !strings.Contains(out, "stop-and-copy mode") {
+		t.Fatalf("second migration:\n%s", out)
+	}
+	before := h1.console("vm").Summary().Heartbeats
+	waitBeats(t, h1, "vm", before+10)
+	requireClean(t, h1, "vm")
+	h1.must(t, "stop", "vm")
+}
+
+// TestUntrustedPeerCannotMigrate: host 2 does not trust host 1, so host 1
+// cannot reach it; the refusal is logged on host 2 with host 1's
+// fingerprint and the guest keeps running on host 1.
+func TestUntrustedPeerCannotMigrate(t *testing.T) {
+	hs := startHosts(t, 2)
+	h1, h2 := hs[0], hs[1]
+	h1.must(t, "nodes", "trust", h2.addr, "--fingerprint", h2.fp) // one way only
+	h1.must(t, "run", "--detach", "--name", "vm", "--guest", "test", "--mem", "128M", "--cpus", "1", "--cmdline", "workload=verify size=16M")
+	waitBeats(t, h1, "vm", 2)
+	out, err := h1.ferry("migrate", "vm", "--to", h2.addr)
+	if err == nil || !strings.Contains(out, "does not trust this host") {
+		t.Fatalf("migration to an untrusting host: %v\n%s", err, out)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if !strings.Contains(h2.log.String(), "refused untrusted peer") || !strings.Contains(h2.log.String(), h1.fp) {
+		t.Fatalf("host 2 did not log the refusal with host 1's fingerprint:\n%s", h2.log.String())
+	}
+	// An unknown fingerprint cannot be trusted by mistake either.
+	if out, err := h1.ferry("nodes", "trust", h2.addr, "--fingerprint", h1.fp); err == nil {
+		t.Fatalf("trusted %s with the wrong fingerprint:\n%s", h2.addr, out)
+	}
+	n := h1.console("vm").Summary().Heartbeats
+	waitBeats(t, h1, "vm", n+3)
+	requireClean(t, h1, "vm")
+}
+
+// TestDestinationKilledDuringPrecopy kills the destination's VMM process
+// in the middle of pre-copy: the migration fails naming the lost
+// connection and the guest runs on at the source, verifying clean.
+func TestDestinationKilledDuringPrecopy(t *testing.T) {
+	hs := startHosts(t, 2)
+	h1, h2 := hs[0], hs[1]
+	trustEachOther(t, h1, h2)
+	h1.must(t, "run", "--detach", "--name", "vm", "--guest", "test", "--mem", "256M", "--cpus", "2", "--cmdline", "workload=verify size=128M")
+	waitBeats(t, h1, "vm", 4)
+	done := make(chan string, 1)
+	go func() {
+		out, _ := h1.ferry("migrate", "vm", "--to", h2.addr, "--bandwidth", "160Mbit")
+		done <- out
+	}()
+	pid := 0
+	for deadline := time.Now().Add(20 * time.Second); pid == 0 && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		ps, _ := h2.ferry("ps")
+		for _, l := range strings.Split(ps, "\n") {
+			if f := strings.Fields(l); len(f) > 2 && f[0] == "vm" && f[1] == "incoming" {
+				pid, _ = strconv.Atoi(f[2])
+			}
+		}
+	}
+	if pid == 0 {
+		t.Fatal("no incoming VMM process appeared on host 2")
+	}
+	time.Sleep(time.Second)
+	syscall.Kill(pid, syscall.SIGKILL)
+	out := <-done
+	t.Logf("migrate output:\n%s", out)
+	if !strings.Contains(out, "failed") || !strings.Contains(out, "lost") || !strings.Contains(out, "kept running on the source") {
+		t.Fatalf("migration did not fail cleanly with the cause")
+	}
+	n := h1.console("vm").Summary().Heartbeats
+	waitBeats(t, h1, "vm", n+5)
+	requireClean(t, h1, "vm")
+	if ps := h1.must(t, "ps"); !strings.Contains(ps, "running") {
+		t.Fatalf("source VM not running:\n%s", ps)
+	}
+}
+
+// TestCancelMigration: `ferry migrate --cancel` stops a running migration;
+// the guest stays on the source.
+func TestCancelMigration(t *testing.T) {
+	hs := startHosts(t, 2)
+	h1, h2 := hs[0], hs[1]
+	trustEachOther(t, h1, h2)
+	h1.must(t, "run", "--detach", "--name", "vm", "--guest", "test", "--mem", "256M", "--cpus", "2", "--cmdline", "workload=verify size=128M")
+	waitBeats(t, h1, "vm", 4)
+	done := make(chan string, 1)
+	go func() {
+		out, _ := h1.ferry("migrate", "vm", "--to", h2.addr, "--bandwidth", "160Mbit")
+		done <- out
+	}()
+	time.Sleep(1500 * time.Millisecond)
+	h1.must(t, "migrate", "--cancel", "vm")
+	out := <-done
+	if !strings.Contains(out, "cancelled") {
+		t.Fatalf("migration not cancelled:\n%s", out)
+	}
+	n := h1.console("vm").Summary().Heartbeats
+	waitBeats(t, h1, "vm", n+5)
+	requireClean(t, h1, "vm")
+	if ps := h2.must(t, "ps"); strings.Contains(ps, "vm ") {
+		t.Fatalf("destination kept the VM after a cancel:\n%s", ps)
+	}
+}
+

@@ -233,4 +233,3 @@ func TestCancelMigration(t *testing.T) {
 		t.Fatalf("destination kept the VM after a cancel:\n%s", ps)
 	}
 }
-

@@ -121,10 +121,10 @@ func TestDaemonsMigrateBothWays(t *testing.T) {
 	if err := json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &rep); err != nil {
 		t.Fatalf("report is not JSON: %v\n%s", err, out)
 	}
-	if rep.Result != "completed" || rep.Downtime <= 0 || rep.BytesTotal == 0 || len(rep.Iterations) < 2 || rep.SwitchReason == "" {
+	if rep.Result != "completed" || rep.Downtime <= 0 || rep.GuestDowntime <= 0 || rep.BytesTotal == 0 || len(rep.Iterations) < 2 || rep.SwitchReason == "" {
 		t.Fatalf("incomplete report: %+v", rep)
 	}
-	t.Logf("host1 -> host2: downtime %s, %d bytes, %d iterations, %s", rep.Downtime, rep.BytesTotal, len(rep.Iterations), rep.SwitchReason)
+	t.Logf("host1 -> host2: downtime %s (guest view %s), %d bytes, %d iterations, %s", rep.Downtime, rep.GuestDowntime, rep.BytesTotal, len(rep.Iterations), rep.SwitchReason)
 	if ps := h2.must(t, "ps"); !strings.Contains(ps, "vm") || !strings.Contains(ps, "running") {
 		t.Fatalf("host 2 does not run the VM:\n%s", ps)
 	}

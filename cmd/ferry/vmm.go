@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/signal"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/ferry-vmm/ferry/internal/control"
 	"github.com/ferry-vmm/ferry/internal/daemon"
+	"github.com/ferry-vmm/ferry/internal/guestlog"
 	"github.com/ferry-vmm/ferry/internal/migration"
 	"github.com/ferry-vmm/ferry/internal/trust"
 	"github.com/ferry-vmm/ferry/internal/vmm"
@@ -46,11 +48,12 @@ func newVMMCmd() *cobra.Command {
 				return err
 			}
 			defer console.Close()
+			rec := guestlog.NewRecorder(console)
 			var vm *vmm.VM
 			if incoming {
-				vm, err = receiveVM(f.name, listen, daemonSock, id, pool, console, logger)
+				vm, err = receiveVM(f.name, listen, daemonSock, id, pool, rec)
 			} else {
-				vm, err = startVM(f, console, logger)
+				vm, err = startVM(f, rec)
 			}
 			if err != nil {
 				return err
@@ -62,6 +65,7 @@ func newVMMCmd() *cobra.Command {
 				return err
 			}
 			defer srv.Close()
+			srv.SetConsole(rec)
 			srv.EnableMigration(&control.MigrationEnv{
 				Dial: func(ctx context.Context, addr string) (net.Conn, error) {
 					return trust.Dial(ctx, "tcp", addr, id, pool, logger)
@@ -102,7 +106,7 @@ func newVMMCmd() *cobra.Command {
 	return cmd
 }
 
-func startVM(f runFlags, console *os.File, logger interface{}) (*vmm.VM, error) {
+func startVM(f runFlags, console io.Writer) (*vmm.VM, error) {
 	vm, err := buildVM(f, console, newLogger(true))
 	if err != nil {
 		return nil, err
@@ -115,7 +119,7 @@ func startVM(f runFlags, console *os.File, logger interface{}) (*vmm.VM, error) 
 }
 
 // receiveVM accepts one trusted migration stream and returns the VM running.
-func receiveVM(name, listen, daemonSock string, id *trust.Identity, pool *trust.Pool, console *os.File, logger interface{}) (*vmm.VM, error) {
+func receiveVM(name, listen, daemonSock string, id *trust.Identity, pool *trust.Pool, console io.Writer) (*vmm.VM, error) {
 	log := newLogger(true)
 	ln, err := trust.Listen("tcp", listen, id, pool, log)
 	if err != nil {

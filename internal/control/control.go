@@ -21,6 +21,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ferry-vmm/ferry/internal/guestlog"
 	"github.com/ferry-vmm/ferry/internal/migration"
 	"github.com/ferry-vmm/ferry/internal/snapshot"
 	"github.com/ferry-vmm/ferry/internal/vmm"
@@ -51,6 +52,10 @@ type Status struct {
 	MemoryBytes uint64 `json:"memory_bytes"`
 	Paused      bool   `json:"paused"`
 	Uptime      string `json:"uptime"`
+	// Arrival times (host clock, ns since the epoch) of the first and the
+	// latest heartbeat line the guest printed in this process; 0 if none.
+	FirstBeatUnixNano int64 `json:"first_beat_unix_nano,omitempty"`
+	LastBeatUnixNano  int64 `json:"last_beat_unix_nano,omitempty"`
 }
 
 // Response answers a Request.
@@ -92,6 +97,7 @@ type Server struct {
 	wg      sync.WaitGroup
 
 	env       *MigrationEnv
+	console   *guestlog.Recorder
 	migMu     sync.Mutex
 	migrating *migration.Source
 }
@@ -105,6 +111,24 @@ type MigrationEnv struct {
 	Resolve func(ctx context.Context, daemonAddr, id string) (bool, error)
 	// Done is called after a successful migration (the VM is released).
 	Done func(*migration.Report)
+}
+
+// SetConsole lets status report the guest's heartbeat times.
+func (s *Server) SetConsole(r *guestlog.Recorder) { s.console = r }
+
+func (s *Server) beats() (first, last int64) {
+	if s.console == nil {
+		return 0, 0
+	}
+	for _, l := range s.console.Lines() {
+		if guestlog.IsBeat(l.Line) {
+			if first == 0 {
+				first = l.At.UnixNano()
+			}
+			last = l.At.UnixNano()
+		}
+	}
+	return first, last
 }
 
 // EnableMigration lets the socket accept "migrate", "cancel" and "set".
@@ -228,7 +252,9 @@ func (s *Server) migrate(req Request, send func(Response)) Response {
 	if s.env.Done != nil {
 		s.env.Done(rep)
 	}
-	return Response{OK: true, Migration: rep}
+	// The guest's last heartbeat here, for the guest-observed downtime.
+	_, lastBeat := s.beats()
+	return Response{OK: true, Migration: rep, Status: &Status{Name: s.name, LastBeatUnixNano: lastBeat}}
 }
 
 func (s *Server) handle(req Request) Response {
@@ -279,9 +305,11 @@ func (s *Server) handle(req Request) Response {
 }
 
 func (s *Server) status() *Status {
+	first, last := s.beats()
 	return &Status{
 		Name: s.name, PID: os.Getpid(), VCPUs: s.vm.NumCPUs(), MemoryBytes: s.vm.Memory().Size(),
 		Paused: s.vm.Paused(), Uptime: time.Since(s.started).Round(time.Millisecond).String(),
+		FirstBeatUnixNano: first, LastBeatUnixNano: last,
 	}
 }
 

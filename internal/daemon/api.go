@@ -83,6 +83,7 @@ type Response struct {
 	Addr      string              `json:"addr,omitempty"`
 	Running   bool                `json:"running,omitempty"`
 	More      bool                `json:"more,omitempty"` // a stream line; another follows
+	Beat      int64               `json:"first_beat_unix_nano,omitempty"`
 }
 
 // Call sends req on conn and reads the answer; stream lines go to each.

@@ -192,6 +192,16 @@ func (d *Daemon) handlePeer(req Request, c net.Conn) Response {
 		return Response{OK: true, Identity: &id}
 	case "incoming":
 		return d.incoming(req, c)
+	case "vm-status":
+		p, err := d.find(req.Name)
+		if err != nil {
+			return fail("%v", err)
+		}
+		r, err := control.Call(p.control, control.Request{Op: "status"}, 5*time.Second)
+		if err != nil {
+			return fail("%s: %v", req.Name, err)
+		}
+		return Response{OK: true, Beat: r.Status.FirstBeatUnixNano}
 	case "resolve":
 		d.mu.Lock()
 		defer d.mu.Unlock()

@@ -97,6 +97,9 @@ func (d *Daemon) migrate(req Request, send func(Response)) Response {
 		return out
 	}
 	cr.Migration.Destination = req.To
+	if cr.Status != nil && cr.Status.LastBeatUnixNano != 0 {
+		cr.Migration.GuestDowntime = d.guestDowntime(req.To, req.Name, cr.Status.LastBeatUnixNano)
+	}
 	d.mu.Lock()
 	p.info.State = "migrated" // its VMM process exits now that the guest left
 	d.mu.Unlock()
@@ -126,4 +129,27 @@ func Resolve(ctx context.Context, id *trust.Identity, pool *trust.Pool, addr, mi
 	return resolveWith(ctx, func(ctx context.Context, a string) (net.Conn, error) {
 		return trust.Dial(ctx, "tcp", a, id, pool, nil)
 	}, addr, mid)
+}
+
+// guestDowntime asks the destination daemon when the migrated guest's
+// first heartbeat arrived there (waiting up to 3 s for it) and returns the
+// gap since its last heartbeat here: the interruption as an observer of
+// the guest's output sees it. It assumes the two hosts' clocks agree (they
+// do on one machine; across hosts, to NTP's accuracy). Zero if unknown.
+func (d *Daemon) guestDowntime(addr, name string, lastBeat int64) time.Duration {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for ctx.Err() == nil {
+		c, err := d.dialPeer(ctx, addr)
+		if err != nil {
+			return 0
+		}
+		r, err := Call(c, Request{Op: "vm-status", Name: name}, nil)
+		c.Close()
+		if err == nil && r.Beat > lastBeat {
+			return time.Duration(r.Beat - lastBeat)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return 0
 }

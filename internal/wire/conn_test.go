@@ -153,31 +153,43 @@ func simulateMigration(t *testing.T, cfg Config, compress bool) (*state.Machine,
 		}()
 	}()
 
-	// Source: a reader for the reverse direction.
-	replies := make(chan Msg, 64)
+	// Source: a reader for the reverse direction. It never blocks on
+	// anything but the connection (a reader that did could deadlock both
+	// sides): it hands the first reply over through a buffered channel and
+	// records the others itself.
+	first := make(chan Msg, 1)
 	readerDone := make(chan error, 1)
 	go func() {
-		defer close(replies)
-		for {
-			msg, err := srcConn.ReadMsg()
-			if err != nil {
-				readerDone <- err
-				return
+		readerDone <- func() error {
+			for i := 0; ; i++ {
+				msg, err := srcConn.ReadMsg()
+				if err != nil {
+					return err
+				}
+				if i == 0 {
+					first <- msg
+					continue
+				}
+				switch msg := msg.(type) {
+				case *IterationAck:
+					res.acks = append(res.acks, *msg)
+				case *Pong:
+					res.pongs++
+				case *Resumed:
+					res.resumed = msg
+					return nil
+				default:
+					return fmt.Errorf("source got %s", msg.Type())
+				}
 			}
-			if _, ok := msg.(*Resumed); ok {
-				replies <- msg
-				readerDone <- nil
-				return
-			}
-			replies <- msg
-		}
+		}()
 	}()
 
 	hello := testHello(m)
 	if err := srcConn.WriteMsg(hello); err != nil {
 		t.Fatal(err)
 	}
-	welcome, ok := (<-replies).(*Welcome)
+	welcome, ok := (<-first).(*Welcome)
 	if !ok || welcome.Check(hello) != nil {
 		t.Fatalf("no welcome: %+v", welcome)
 	}
@@ -265,18 +277,6 @@ func simulateMigration(t *testing.T, cfg Config, compress bool) (*state.Machine,
 		t.Fatal(err)
 	}
 
-	for msg := range replies {
-		switch msg := msg.(type) {
-		case *IterationAck:
-			res.acks = append(res.acks, *msg)
-		case *Pong:
-			res.pongs++
-		case *Resumed:
-			res.resumed = msg
-		default:
-			t.Errorf("source got %s", msg.Type())
-		}
-	}
 	if err := <-readerDone; err != nil {
 		t.Fatalf("source reader: %v", err)
 	}

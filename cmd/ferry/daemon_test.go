@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -137,6 +138,21 @@ func TestDaemonsMigrateBothWays(t *testing.T) {
 	before := h1.console("vm").Summary().Heartbeats
 	waitBeats(t, h1, "vm", before+10)
 	requireClean(t, h1, "vm")
+	// `ferry console` follows the console through the daemon (and sends
+	// what is typed to the serial port; the test guest does not read it).
+	cmd := exec.Command(h1.c.bin, "--daemon", filepath.Join(h1.dir, "api.sock"), "console", "vm")
+	cmd.Stdin = strings.NewReader("hello guest\n")
+	con := &testguest.Console{}
+	cmd.Stdout = con
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	cmd.Process.Kill()
+	cmd.Wait()
+	if !strings.Contains(con.String(), "ferry-guest: verify") {
+		t.Fatalf("console shows nothing:\n%s", con.String())
+	}
 	h1.must(t, "stop", "vm")
 }
 

@@ -135,10 +135,13 @@ func newConsoleCmd() *cobra.Command {
 	var noFollow bool
 	cmd := &cobra.Command{
 		Use:   "console NAME",
-		Short: "Show a VM's serial console and follow it (Ctrl-C leaves, the VM runs on)",
+		Short: "Show a VM's serial console and follow it; lines typed go to the guest (Ctrl-C leaves, the VM runs on)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			out := cmd.OutOrStdout()
+			if !noFollow {
+				go forwardConsoleInput(cmd.InOrStdin(), args[0])
+			}
 			_, err := callDaemon(daemon.Request{Op: "console", Name: args[0], Follow: !noFollow}, func(r daemon.Response) {
 				io.WriteString(out, r.Console)
 			})
@@ -315,4 +318,22 @@ func parseBandwidth(s string) (int64, error) {
 		return 0, fmt.Errorf("bandwidth %q: use e.g. 1Gbit, 500Mbit or 100MB: %w", s, err)
 	}
 	return int64(n), nil
+}
+
+// forwardConsoleInput sends what is typed to the guest's serial port, a
+// chunk (a line, on a terminal in cooked mode) at a time.
+func forwardConsoleInput(in io.Reader, name string) {
+	buf := make([]byte, 4096)
+	for {
+		n, err := in.Read(buf)
+		if n > 0 {
+			if _, cerr := callDaemon(daemon.Request{Op: "console-input", Name: name, Input: append([]byte(nil), buf[:n]...)}, nil); cerr != nil {
+				fmt.Fprintln(os.Stderr, "ferry: console input:", cerr)
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
 }

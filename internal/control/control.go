@@ -42,6 +42,8 @@ type Request struct {
 	MaxIterations  int           `json:"max_iterations,omitempty"`
 	PrecopyTimeout time.Duration `json:"precopy_timeout_ns,omitempty"`
 	Bandwidth      int64         `json:"bandwidth,omitempty"` // bytes/s
+	// Input: bytes for the guest's serial console.
+	Input []byte `json:"input,omitempty"`
 }
 
 // Status describes a running VM.
@@ -274,6 +276,9 @@ func (s *Server) handle(req Request) Response {
 		return Response{OK: true, Status: s.status()}
 	case "stop":
 		s.vm.Stop()
+		return Response{OK: true}
+	case "input":
+		s.vm.Serial.Enqueue(req.Input)
 		return Response{OK: true}
 	case "cancel":
 		s.migMu.Lock()

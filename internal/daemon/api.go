@@ -45,7 +45,8 @@ type Request struct {
 	Addr        string `json:"addr,omitempty"`
 	Fingerprint string `json:"fingerprint,omitempty"`
 	// Console.
-	Follow bool `json:"follow,omitempty"`
+	Follow bool   `json:"follow,omitempty"`
+	Input  []byte `json:"input,omitempty"`
 	// Migration arbitration (commit from a local VMM, resolve from a peer).
 	ID string `json:"id,omitempty"`
 }

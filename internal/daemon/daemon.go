@@ -228,6 +228,15 @@ func (d *Daemon) handleLocal(req Request, send func(Response)) Response {
 		return d.stop(req.Name)
 	case "console":
 		return d.console(req, send)
+	case "console-input":
+		p, err := d.find(req.Name)
+		if err != nil {
+			return fail("%v", err)
+		}
+		if _, err := control.Call(p.control, control.Request{Op: "input", Input: req.Input}, 5*time.Second); err != nil {
+			return fail("%s: %v", req.Name, err)
+		}
+		return Response{OK: true}
 	case "migrate":
 		return d.migrate(req, send)
 	case "cancel", "set":

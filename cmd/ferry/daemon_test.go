@@ -186,16 +186,7 @@ func TestUntrustedPeerCannotMigrate(t *testing.T) {
 // in the middle of pre-copy: the migration fails naming the lost
 // connection and the guest runs on at the source, verifying clean.
 func TestDestinationKilledDuringPrecopy(t *testing.T) {
-	hs := startHosts(t, 2)
-	h1, h2 := hs[0], hs[1]
-	trustEachOther(t, h1, h2)
-	h1.must(t, "run", "--detach", "--name", "vm", "--guest", "test", "--mem", "256M", "--cpus", "2", "--cmdline", "workload=verify size=128M")
-	waitBeats(t, h1, "vm", 4)
-	done := make(chan string, 1)
-	go func() {
-		out, _ := h1.ferry("migrate", "vm", "--to", h2.addr, "--bandwidth", "160Mbit")
-		done <- out
-	}()
+	h1, h2, done := startSlowMigration(t)
 	pid := 0
 	for deadline := time.Now().Add(20 * time.Second); pid == 0 && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		ps, _ := h2.ferry("ps")
@@ -215,9 +206,7 @@ func TestDestinationKilledDuringPrecopy(t *testing.T) {
 	if !strings.Contains(out, "failed") || !strings.Contains(out, "lost") || !strings.Contains(out, "kept running on the source") {
 		t.Fatalf("migration did not fail cleanly with the cause")
 	}
-	n := h1.console("vm").Summary().Heartbeats
-	waitBeats(t, h1, "vm", n+5)
-	requireClean(t, h1, "vm")
+	requireRunsOn(t, h1)
 	if ps := h1.must(t, "ps"); !strings.Contains(ps, "running") {
 		t.Fatalf("source VM not running:\n%s", ps)
 	}
@@ -226,26 +215,41 @@ func TestDestinationKilledDuringPrecopy(t *testing.T) {
 // TestCancelMigration: `ferry migrate --cancel` stops a running migration;
 // the guest stays on the source.
 func TestCancelMigration(t *testing.T) {
-	hs := startHosts(t, 2)
-	h1, h2 := hs[0], hs[1]
-	trustEachOther(t, h1, h2)
-	h1.must(t, "run", "--detach", "--name", "vm", "--guest", "test", "--mem", "256M", "--cpus", "2", "--cmdline", "workload=verify size=128M")
-	waitBeats(t, h1, "vm", 4)
-	done := make(chan string, 1)
-	go func() {
-		out, _ := h1.ferry("migrate", "vm", "--to", h2.addr, "--bandwidth", "160Mbit")
-		done <- out
-	}()
+	h1, h2, done := startSlowMigration(t)
 	time.Sleep(1500 * time.Millisecond)
 	h1.must(t, "migrate", "--cancel", "vm")
 	out := <-done
 	if !strings.Contains(out, "cancelled") {
 		t.Fatalf("migration not cancelled:\n%s", out)
 	}
-	n := h1.console("vm").Summary().Heartbeats
-	waitBeats(t, h1, "vm", n+5)
-	requireClean(t, h1, "vm")
+	requireRunsOn(t, h1)
 	if ps := h2.must(t, "ps"); strings.Contains(ps, "vm ") {
 		t.Fatalf("destination kept the VM after a cancel:\n%s", ps)
 	}
+}
+
+// startSlowMigration runs a verify guest on host 1 and starts migrating it
+// to host 2 over a link capped at 160 Mbit/s, so that there is time to
+// interfere; done delivers the output of `ferry migrate`.
+func startSlowMigration(t *testing.T) (h1, h2 *host, done chan string) {
+	t.Helper()
+	hs := startHosts(t, 2)
+	h1, h2 = hs[0], hs[1]
+	trustEachOther(t, h1, h2)
+	h1.must(t, "run", "--detach", "--name", "vm", "--guest", "test", "--mem", "256M", "--cpus", "2", "--cmdline", "workload=verify size=128M")
+	waitBeats(t, h1, "vm", 4)
+	done = make(chan string, 1)
+	go func() {
+		out, _ := h1.ferry("migrate", "vm", "--to", h2.addr, "--bandwidth", "160Mbit")
+		done <- out
+	}()
+	return h1, h2, done
+}
+
+// requireRunsOn checks the guest goes on beating on h and stays clean.
+func requireRunsOn(t *testing.T, h *host) {
+	t.Helper()
+	n := h.console("vm").Summary().Heartbeats
+	waitBeats(t, h, "vm", n+5)
+	requireClean(t, h, "vm")
 }

@@ -410,3 +410,18 @@ func writeACPI(mem *guestmem.Memory, cpus int) (uint64, error) {
 	}
 	return ACPIAddr, nil
 }
+
+// writeFirmwareTables writes what firmware would leave for the guest to
+// find its CPUs and interrupt routing: the MP table and the ACPI tables.
+func writeFirmwareTables(mem *guestmem.Memory, cpus int, e *Entry) error {
+	mp, err := writeMPTable(mem, cpus)
+	if err != nil {
+		return err
+	}
+	rsdp, err := writeACPI(mem, cpus)
+	if err != nil {
+		return err
+	}
+	e.MPTable, e.RSDPAddr = mp, rsdp
+	return nil
+}

@@ -275,14 +275,8 @@ func loadBzImage(mem *guestmem.Memory, img *bzImage, opts Options, cpus int) (*E
 	if err := writeGDT(mem, ModeLinux64); err != nil {
 		return nil, fmt.Errorf("boot: writing GDT: %w", err)
 	}
-	mp, err := writeMPTable(mem, cpus)
-	if err != nil {
+	if err := writeFirmwareTables(mem, cpus, e); err != nil {
 		return nil, err
 	}
-	rsdp, err := writeACPI(mem, cpus)
-	if err != nil {
-		return nil, err
-	}
-	e.MPTable, e.RSDPAddr = mp, rsdp
 	return e, nil
 }

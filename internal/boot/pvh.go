@@ -124,15 +124,9 @@ func loadPVH(mem *guestmem.Memory, img *elfImage, opts Options, cpus int) (*Entr
 	if err := writeGDT(mem, ModePVH32); err != nil {
 		return nil, fmt.Errorf("boot: writing GDT: %w", err)
 	}
-	mp, err := writeMPTable(mem, cpus)
-	if err != nil {
+	if err := writeFirmwareTables(mem, cpus, e); err != nil {
 		return nil, err
 	}
-	rsdp, err := writeACPI(mem, cpus)
-	if err != nil {
-		return nil, err
-	}
-	e.MPTable, e.RSDPAddr = mp, rsdp
 	return e, nil
 }
 

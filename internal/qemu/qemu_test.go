@@ -1,27 +1,14 @@
 package qemu
 
 import (
-	"bytes"
 	"context"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/ferry-vmm/ferry/internal/guestlog"
 	"github.com/ferry-vmm/ferry/internal/testguest"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
 
 // TestTestGuestBootsOnQEMU boots the very image ferry runs on QEMU's
 // microvm and checks the guest's own report: both workloads that the
@@ -37,11 +24,11 @@ func TestTestGuestBootsOnQEMU(t *testing.T) {
 	}
 	for _, w := range []string{"verify", "dirty rate=50M"} {
 		t.Run(strings.Fields(w)[0], func(t *testing.T) {
-			var out lockedBuffer
+			var out testguest.Console
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
 			status, err := Run(ctx, Options{Kernel: img, Cmdline: "workload=" + w + " size=32M exit_after=2s", MemMiB: 256, CPUs: 2, Console: &out})
-			text := out.b.String()
+			text := out.String()
 			if err != nil {
 				t.Fatalf("%v\n%s", err, text)
 			}

@@ -12,11 +12,11 @@ import (
 	"github.com/ferry-vmm/ferry/internal/testguest"
 )
 
-func bootGuest(t *testing.T, cpus int, cmdline string) (*VM, *syncBuffer) {
+func bootGuest(t *testing.T, cpus int, cmdline string) (*VM, *testguest.Console) {
 	t.Helper()
 	testguest.RequireKVM(t)
 	img := testguest.Image(t)
-	out := &syncBuffer{}
+	out := &testguest.Console{}
 	vm, err := New(Config{MemSize: 256 << 20, CPUs: cpus, Kernel: img, Cmdline: cmdline, Console: out})
 	if err != nil {
 		t.Fatal(err)
@@ -25,7 +25,7 @@ func bootGuest(t *testing.T, cpus int, cmdline string) (*VM, *syncBuffer) {
 	return vm, out
 }
 
-func parseConsole(t *testing.T, out *syncBuffer) ([]guestlog.Line, guestlog.Summary) {
+func parseConsole(t *testing.T, out *testguest.Console) ([]guestlog.Line, guestlog.Summary) {
 	t.Helper()
 	text := out.String()
 	text = text[:strings.LastIndex(text, "\n")+1] // only complete lines
@@ -180,7 +180,7 @@ func TestOracleDetectsRegisterCorruption(t *testing.T) {
 }
 
 // waitLine waits up to 10 s for a console line matching ok.
-func waitLine(t *testing.T, vm *VM, out *syncBuffer, ok func(guestlog.Line) bool) guestlog.Line {
+func waitLine(t *testing.T, vm *VM, out *testguest.Console, ok func(guestlog.Line) bool) guestlog.Line {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {

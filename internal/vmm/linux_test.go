@@ -10,7 +10,7 @@ import (
 )
 
 // waitForConsole runs vm until the console shows want or the timeout.
-func waitForConsole(t *testing.T, vm *VM, out *syncBuffer, want string, timeout time.Duration) bool {
+func waitForConsole(t *testing.T, vm *VM, out *testguest.Console, want string, timeout time.Duration) bool {
 	t.Helper()
 	if err := vm.Start(); err != nil {
 		t.Fatal(err)
@@ -54,7 +54,7 @@ func TestBootLinux(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var out syncBuffer
+			var out testguest.Console
 			vm, err := New(Config{MemSize: 512 << 20, CPUs: 2, Kernel: kernel, Initrd: initrd,
 				Cmdline: "console=ttyS0 earlyprintk=serial panic=-1 reboot=k", Console: &out})
 			if err != nil {

@@ -1,38 +1,18 @@
 package vmm
 
 import (
-	"bytes"
 	"context"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/ferry-vmm/ferry/internal/testguest"
 )
 
-// syncBuffer collects console output written by vCPU threads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func TestBootTestGuest(t *testing.T) {
 	testguest.RequireKVM(t)
 	img := testguest.Image(t)
-	var out syncBuffer
+	var out testguest.Console
 	vm, err := New(Config{MemSize: 256 << 20, CPUs: 2, Kernel: img, Cmdline: "workload=dirty size=64M exit_after=2s", Console: &out})
 	if err != nil {
 		t.Fatal(err)
@@ -56,7 +36,7 @@ func TestBootTestGuest(t *testing.T) {
 func TestVerifyWithPauses(t *testing.T) {
 	testguest.RequireKVM(t)
 	img := testguest.Image(t)
-	var out syncBuffer
+	var out testguest.Console
 	vm, err := New(Config{MemSize: 256 << 20, CPUs: 2, Kernel: img, Cmdline: "workload=verify size=64M exit_after=3s", Console: &out})
 	if err != nil {
 		t.Fatal(err)

@@ -71,15 +71,17 @@ func (s *Source) Cancel() {
 // sender is the state of one outgoing migration.
 type sender struct {
 	*Source
-	ctx        context.Context
-	conn       *wire.Conn
-	mem        *guestmem.Memory
-	pages      pageIndex
-	rep        *Report
-	start      time.Time
-	sent       []uint64 // bitmap: pages sent at least once
-	inbox      chan wire.Msg
-	recvErr    chan error
+	ctx   context.Context
+	conn  *wire.Conn
+	mem   *guestmem.Memory
+	pages pageIndex
+	rep   *Report
+	start time.Time
+	sent  []uint64 // bitmap: pages sent at least once
+	// inbox carries the destination's messages and, last, the read error
+	// that ended them: one channel, so that a Resumed that arrived just
+	// before the connection closed is never overtaken by the close.
+	inbox      chan received
 	progress   Progress
 	id         [16]byte
 	paused     bool
@@ -112,7 +114,7 @@ func (s *Source) Run(ctx context.Context, rw io.ReadWriter) (*Report, error) {
 		Source: s, ctx: ctx, conn: wire.NewConn(rw), mem: mem,
 		pages: pageIndex{regions: mem.Regions()}, start: time.Now(),
 		sent:  make([]uint64, s.VM.DirtyBitmapWords()),
-		inbox: make(chan wire.Msg, 16), recvErr: make(chan error, 1),
+		inbox: make(chan received, 16),
 		rep: &Report{
 			ID: hex.EncodeToString(idb), VM: s.Name, Mode: opts.Mode, MemoryBytes: mem.Size(),
 			BandwidthLimit: opts.Bandwidth, DowntimeLimit: opts.DowntimeLimit,
@@ -220,17 +222,23 @@ func (x *sender) readDirect() (wire.Msg, error) {
 	}
 }
 
+// received is one message from the destination, or the error that ended
+// the connection.
+type received struct {
+	msg wire.Msg
+	err error
+}
+
 // receive passes the destination's messages to the sender.
 func (x *sender) receive() {
 	for {
 		m, err := x.conn.ReadMsg()
-		if err != nil {
-			x.recvErr <- err
+		select {
+		case x.inbox <- received{m, err}:
+		case <-x.ctx.Done():
 			return
 		}
-		select {
-		case x.inbox <- m:
-		case <-x.ctx.Done():
+		if err != nil {
 			return
 		}
 	}
@@ -241,12 +249,13 @@ func (x *sender) receive() {
 func (x *sender) checkPeer() error {
 	for {
 		select {
-		case m := <-x.inbox:
-			if err := peerError(m); err != nil {
+		case r := <-x.inbox:
+			if r.err != nil {
+				return fmt.Errorf("connection to the destination lost: %w", r.err)
+			}
+			if err := peerError(r.msg); err != nil {
 				return err
 			}
-		case err := <-x.recvErr:
-			return fmt.Errorf("connection to the destination lost: %w", err)
 		case <-x.ctx.Done():
 			return context.Cause(x.ctx)
 		default:
@@ -471,7 +480,11 @@ func (x *sender) handover(dirty []uint64) error {
 	defer timer.Stop()
 	for {
 		select {
-		case msg := <-x.inbox:
+		case in := <-x.inbox:
+			if in.err != nil {
+				return fmt.Errorf("connection to the destination lost before it confirmed: %w", in.err)
+			}
+			msg := in.msg
 			if r, ok := msg.(*wire.Resumed); ok {
 				x.rep.Downtime = time.Since(pausedAt)
 				x.rep.RestoreTime = r.RestoreTime
@@ -481,8 +494,6 @@ func (x *sender) handover(dirty []uint64) error {
 			if err := peerError(msg); err != nil {
 				return err
 			}
-		case err := <-x.recvErr:
-			return fmt.Errorf("connection to the destination lost before it confirmed: %w", err)
 		case <-timer.C:
 			return fmt.Errorf("destination did not confirm within %s", x.Opts.AckTimeout)
 		case <-x.ctx.Done():

@@ -61,7 +61,7 @@ func TestBootLinux(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer vm.Close()
-			want, timeout := "ferry-linux: init started", 60*time.Second
+			want, timeout := "ferry-linux: init started", 180*time.Second
 			switch {
 			case hw:
 				t.Logf("checked: hardware virtualization present, waiting for %q", want)

@@ -78,7 +78,7 @@ func startHosts(t *testing.T, n int) []*host {
 		if h.fp == "" {
 			t.Fatalf("daemon did not print its fingerprint\n%s", log.String())
 		}
-		t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM) })
+		t.Cleanup(func() { stopDaemon(cmd.Process, dir) })
 		hosts = append(hosts, h)
 	}
 	return hosts
@@ -252,4 +252,20 @@ func requireRunsOn(t *testing.T, h *host) {
 	n := h.console("vm").Summary().Heartbeats
 	waitBeats(t, h, "vm", n+5)
 	requireClean(t, h, "vm")
+}
+
+// stopDaemon ends a test daemon the way an operator would (SIGTERM: it
+// stops its VMs, then removes its socket) and waits for that, so that no
+// VMM process outlives the test. Registered after the process's own
+// cleanup, it runs before it.
+func stopDaemon(p *os.Process, dir string) {
+	p.Signal(syscall.SIGTERM)
+	sock := filepath.Join(dir, "api.sock")
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(sock); os.IsNotExist(err) {
+			return
+		}
+	}
+	// It did not stop in time: make sure its VMs do not run on.
+	exec.Command("pkill", "-KILL", "-f", "--data-dir "+dir).Run()
 }

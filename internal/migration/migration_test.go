@@ -228,7 +228,7 @@ func TestPingPong(t *testing.T) {
 func TestForcedStopCopy(t *testing.T) {
 	g := bootGuest(t, 256<<20, 2, "workload=dirty size=64M pattern=random")
 	g.beats(t, 3)
-	res := migrate(t, g, Options{Mode: ModePreCopy, MaxIterations: 4, Bandwidth: 40 << 20, DowntimeLimit: 20 * time.Millisecond}, nil, nil)
+	res := migrate(t, g, Options{Mode: ModePreCopy, MaxIterations: 4, Bandwidth: 40 << 20, DowntimeLimit: time.Millisecond}, nil, nil)
 	if res.err != nil || res.dstErr != nil {
 		t.Fatalf("source %v, destination %v", res.err, res.dstErr)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -35,7 +36,7 @@ func newSaveCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			abs, err := absPath(out)
+			abs, err := filepath.Abs(out)
 			if err != nil {
 				return err
 			}
@@ -79,17 +80,6 @@ func pickSocket(name, socket string) (string, error) {
 		return control.SocketPath(name), nil
 	}
 	return "", errors.New("which VM? give --vm NAME or --socket PATH")
-}
-
-func absPath(p string) (string, error) {
-	if len(p) > 0 && p[0] == '/' {
-		return p, nil
-	}
-	wd, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	return wd + "/" + p, nil
 }
 
 func newRestoreCmd() *cobra.Command {

@@ -2,6 +2,7 @@ package guestlog
 
 import (
 	"bytes"
+	"io"
 	"sync"
 	"time"
 )
@@ -21,12 +22,12 @@ type Recorder struct {
 	mu      sync.Mutex
 	partial []byte
 	lines   []TimedLine
-	next    interface{ Write([]byte) (int, error) }
+	next    io.Writer
 	now     func() time.Time
 }
 
 // NewRecorder records lines and forwards output to next (may be nil).
-func NewRecorder(next interface{ Write([]byte) (int, error) }) *Recorder {
+func NewRecorder(next io.Writer) *Recorder {
 	return &Recorder{next: next, now: time.Now}
 }
 

@@ -85,8 +85,7 @@ type sender struct {
 	progress   Progress
 	id         [16]byte
 	paused     bool
-	complete   bool // every byte of the guest was handed to the connection
-	hello      *wire.Hello
+	complete   bool   // every byte of the guest was handed to the connection
 	chunks     uint64 // Pages messages sent
 	chunkBytes uint64 // bytes of their chunks
 }
@@ -133,12 +132,12 @@ func (s *Source) Run(ctx context.Context, rw io.ReadWriter) (*Report, error) {
 			x.rep.Result = "cancelled"
 		}
 		x.rep.Error = err.Error()
-		x.report(PhaseFailed, 0)
+		x.report(PhaseFailed)
 		return x.rep, err
 	}
 	x.rep.Result = "completed"
 	x.progress.RemainingBytes = 0
-	x.report(PhaseCompleted, 0)
+	x.report(PhaseCompleted)
 	return x.rep, nil
 }
 
@@ -158,22 +157,17 @@ func (x *sender) run() error {
 // handshake sends Hello and waits for Welcome: protocol version, memory
 // layout, vCPU count and CPU features are checked before anything stops.
 func (x *sender) handshake() error {
-	x.report(PhaseSetup, 0)
-	if err := x.VM.Pause(); err != nil {
-		return fmt.Errorf("reading the guest's CPU model: %w", err)
-	}
-	m, err := x.VM.Capture()
-	x.VM.Resume()
+	x.report(PhaseSetup)
+	cpuid, header, err := x.VM.GuestCPUID()
 	if err != nil {
 		return fmt.Errorf("reading the guest's CPU model: %w", err)
 	}
 	hello := &wire.Hello{
 		ProtocolVersion: wire.ProtocolVersion, MinVersion: wire.MinProtocolVersion,
 		FerryVersion: version.Version, VMName: x.Name, Mode: string(x.Opts.Mode),
-		Header: m.Header, CPUID: m.VCPUs[0].CPUID, MigrationID: x.id,
+		Header: header, CPUID: cpuid, MigrationID: x.id,
 		Options: wire.Options{Codec: compressionName(x.Opts.Compress), PageSize: guestmem.PageSize, Streams: 1},
 	}
-	x.hello = hello
 	if err := x.conn.WriteMsg(hello); err != nil {
 		return fmt.Errorf("sending hello: %w", err)
 	}
@@ -287,14 +281,7 @@ func (x *sender) transfer() error {
 	precopyStart := time.Now()
 	// Iteration 0: every page that is not zero; later iterations: what
 	// the guest dirtied meanwhile.
-	all := make([]uint64, len(x.sent))
-	for i := range all {
-		all[i] = ^uint64(0)
-	}
-	if extra := uint64(len(all))*64 - x.mem.Size()/guestmem.PageSize; extra > 0 {
-		all[len(all)-1] >>= extra
-	}
-	todo := all
+	todo := x.allPages()
 	for iter := 0; ; iter++ {
 		it, err := x.sendPass(iter, PhasePreCopy, todo, iter == 0)
 		if err != nil {
@@ -434,13 +421,7 @@ func (x *sender) handover(dirty []uint64) error {
 	var todo []uint64
 	skipZero := false
 	if dirty == nil { // stop-and-copy: everything, zero pages left out
-		todo = make([]uint64, len(x.sent))
-		for i := range todo {
-			todo[i] = ^uint64(0)
-		}
-		if extra := uint64(len(todo))*64 - x.mem.Size()/guestmem.PageSize; extra > 0 {
-			todo[len(todo)-1] >>= extra
-		}
+		todo = x.allPages()
 		skipZero = true
 	} else {
 		if _, err := x.VM.FetchDirty(dirty); err != nil {
@@ -475,7 +456,7 @@ func (x *sender) handover(dirty []uint64) error {
 	}
 	x.rep.BytesState = x.conn.BytesSent() - b0
 	x.complete = true
-	x.report(PhaseHandover, 0)
+	x.report(PhaseHandover)
 	timer := time.NewTimer(x.Opts.AckTimeout)
 	defer timer.Stop()
 	for {
@@ -530,12 +511,21 @@ func (x *sender) rollback(cause error) error {
 	return cause
 }
 
-func (x *sender) report(p Phase, iter int) {
+func (x *sender) report(p Phase) {
 	x.progress.Phase = p
-	if iter > 0 {
-		x.progress.Iteration = iter
-	}
 	x.emit()
+}
+
+// allPages is a bitmap with every page of guest RAM set.
+func (x *sender) allPages() []uint64 {
+	all := make([]uint64, len(x.sent))
+	for i := range all {
+		all[i] = ^uint64(0)
+	}
+	if extra := uint64(len(all))*64 - x.mem.Size()/guestmem.PageSize; extra > 0 {
+		all[len(all)-1] >>= extra
+	}
+	return all
 }
 
 func (x *sender) emit() {

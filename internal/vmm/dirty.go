@@ -30,14 +30,8 @@ func (v *VM) setDirtyLog(on bool) error {
 	if on {
 		flags = kvm.MemLogDirtyPages
 	}
-	for i, r := range v.mem.Regions() {
-		err := v.kvm.SetUserMemoryRegion(kvm.UserspaceMemoryRegion{
-			Slot: uint32(i), Flags: flags, GuestPhysAddr: r.GPA, MemorySize: r.Size,
-			UserspaceAddr: uint64(addrOf(v.mem.Bytes()[r.Offset:])),
-		})
-		if err != nil {
-			return fmt.Errorf("dirty logging on slot %d: %w", i, err)
-		}
+	if err := v.registerRAM(flags); err != nil {
+		return fmt.Errorf("dirty logging: %w", err)
 	}
 	return nil
 }

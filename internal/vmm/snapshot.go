@@ -45,6 +45,27 @@ func (v *VM) Capture() (*state.Machine, error) {
 	return m, nil
 }
 
+// GuestCPUID reads vCPU 0's CPUID table as the guest sees it now (KVM
+// updates bits such as OSXSAVE as the guest runs) and the state header
+// that fingerprints it: what a migration announces before anything stops.
+// vCPU ioctls wait for KVM_RUN to return, so a running VM is paused for
+// the one ioctl, not for a whole capture.
+func (v *VM) GuestCPUID() ([]kvm.CPUIDEntry, state.Header, error) {
+	if v.isStarted() && !v.Paused() {
+		if err := v.Pause(); err != nil {
+			return nil, state.Header{}, err
+		}
+		defer v.Resume()
+	}
+	cpuid, err := v.cpus[0].kvm.GetCPUID2()
+	if err != nil {
+		return nil, state.Header{}, err
+	}
+	h := v.stateHeader()
+	h.CPUIDFingerprint = state.CPUIDFingerprint(cpuid)
+	return cpuid, h, nil
+}
+
 func (v *VM) stateHeader() state.Header {
 	return state.Header{
 		FormatVersion:   state.FormatVersion,

@@ -179,14 +179,8 @@ func (v *VM) build() error {
 // setupPlatform registers RAM and creates the in-kernel interrupt
 // controllers, the PIT and the emulated devices.
 func (v *VM) setupPlatform() error {
-	for i, r := range v.mem.Regions() {
-		err := v.kvm.SetUserMemoryRegion(kvm.UserspaceMemoryRegion{
-			Slot: uint32(i), GuestPhysAddr: r.GPA, MemorySize: r.Size,
-			UserspaceAddr: uint64(addrOf(v.mem.Bytes()[r.Offset:])),
-		})
-		if err != nil {
-			return err
-		}
+	if err := v.registerRAM(0); err != nil {
+		return err
 	}
 	// Needed on Intel VMX for real-mode emulation; other backends ignore or
 	// refuse it, which is harmless.
@@ -234,6 +228,21 @@ func (v *VM) setupPlatform() error {
 		{"acpi-pm1-control", boot.ACPIPM1ControlPort, 2, v.ACPIPM.ControlBlock()},
 	} {
 		if err := v.PIO.Register(d.name, d.base, d.size, d.dev); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// registerRAM installs (or re-installs with new flags) one KVM memory slot
+// per RAM region.
+func (v *VM) registerRAM(flags uint32) error {
+	for i, r := range v.mem.Regions() {
+		err := v.kvm.SetUserMemoryRegion(kvm.UserspaceMemoryRegion{
+			Slot: uint32(i), Flags: flags, GuestPhysAddr: r.GPA, MemorySize: r.Size,
+			UserspaceAddr: uint64(addrOf(v.mem.Bytes()[r.Offset:])),
+		})
+		if err != nil {
 			return err
 		}
 	}

@@ -176,14 +176,20 @@ func (m *Hello) check(h *state.Header) error {
 }
 
 func (m *Hello) appendPayload(b []byte) ([]byte, error) {
-	hb := state.EncodeHeader(m.Header)
-	h, err := state.DecodeHeader(hb)
+	h, err := state.DecodeHeader(state.EncodeHeader(m.Header))
 	if err != nil {
 		return nil, fmt.Errorf("header: %v", err)
 	}
 	if err := m.check(&h); err != nil {
 		return nil, err
 	}
+	return m.appendFields(b), nil
+}
+
+// appendFields encodes the fields without validating them (appendPayload
+// validates first; tests use it to play a buggy or hostile peer).
+func (m *Hello) appendFields(b []byte) []byte {
+	hb := state.EncodeHeader(m.Header)
 	b = le.AppendUint16(b, m.ProtocolVersion)
 	b = le.AppendUint16(b, m.MinVersion)
 	b = append(b, m.MigrationID[:]...)
@@ -200,7 +206,7 @@ func (m *Hello) appendPayload(b []byte) ([]byte, error) {
 			b = le.AppendUint32(b, v)
 		}
 	}
-	return b, nil
+	return b
 }
 
 func (m *Hello) decodePayload(p []byte) error {
@@ -315,10 +321,14 @@ func (m *Welcome) appendPayload(b []byte) ([]byte, error) {
 	if err := m.check(); err != nil {
 		return nil, err
 	}
+	return m.appendFields(b), nil
+}
+
+func (m *Welcome) appendFields(b []byte) []byte {
 	b = le.AppendUint16(b, m.ProtocolVersion)
 	b = le.AppendUint16(b, m.MinVersion)
 	b = le.AppendUint16(b, m.MaxVersion)
-	return appendString(b, m.FerryVersion), nil
+	return appendString(b, m.FerryVersion)
 }
 
 func (m *Welcome) decodePayload(p []byte) error {
@@ -411,11 +421,15 @@ func (m *Refuse) appendPayload(b []byte) ([]byte, error) {
 	if err := m.check(); err != nil {
 		return nil, err
 	}
+	return m.appendFields(b), nil
+}
+
+func (m *Refuse) appendFields(b []byte) []byte {
 	b = le.AppendUint16(b, uint16(m.Code))
 	b = le.AppendUint16(b, m.MinVersion)
 	b = le.AppendUint16(b, m.MaxVersion)
 	b = appendString(b, m.FerryVersion)
-	return appendString(b, m.Reason), nil
+	return appendString(b, m.Reason)
 }
 
 func (m *Refuse) decodePayload(p []byte) error {
@@ -505,9 +519,13 @@ func (m *Pages) appendPayload(b []byte) ([]byte, error) {
 	if err := m.check(); err != nil {
 		return nil, err
 	}
+	return m.appendFields(b), nil
+}
+
+func (m *Pages) appendFields(b []byte) []byte {
 	b = le.AppendUint32(b, m.Iteration)
 	b = append(b, uint8(m.Phase))
-	return appendBytes(b, m.Chunk), nil
+	return appendBytes(b, m.Chunk)
 }
 
 func (m *Pages) decodePayload(p []byte) error {
@@ -616,8 +634,10 @@ func (m *MachineState) appendPayload(b []byte) ([]byte, error) {
 	if err := m.check(); err != nil {
 		return nil, err
 	}
-	return appendBytes(b, m.Data), nil
+	return m.appendFields(b), nil
 }
+
+func (m *MachineState) appendFields(b []byte) []byte { return appendBytes(b, m.Data) }
 
 func (m *MachineState) decodePayload(p []byte) error {
 	f := fields{p: p}
@@ -676,8 +696,12 @@ func (m *Resumed) appendPayload(b []byte) ([]byte, error) {
 	if m.RestoreTime < 0 {
 		return nil, fmt.Errorf("negative restore time %v", m.RestoreTime)
 	}
+	return m.appendFields(b), nil
+}
+
+func (m *Resumed) appendFields(b []byte) []byte {
 	b = le.AppendUint64(b, uint64(m.UnixNano))
-	return le.AppendUint64(b, uint64(m.RestoreTime)), nil
+	return le.AppendUint64(b, uint64(m.RestoreTime))
 }
 
 func (m *Resumed) decodePayload(p []byte) error {
@@ -749,8 +773,11 @@ func (m *Error) appendPayload(b []byte) ([]byte, error) {
 	if err := m.check(); err != nil {
 		return nil, err
 	}
-	b = le.AppendUint16(b, uint16(m.Code))
-	return appendString(b, m.Message), nil
+	return m.appendFields(b), nil
+}
+
+func (m *Error) appendFields(b []byte) []byte {
+	return appendString(le.AppendUint16(b, uint16(m.Code)), m.Message)
 }
 
 func (m *Error) decodePayload(p []byte) error {
@@ -779,8 +806,10 @@ func (m *Cancel) appendPayload(b []byte) ([]byte, error) {
 	if err := checkString("reason", m.Reason, 1, MaxText, kindText); err != nil {
 		return nil, err
 	}
-	return appendString(b, m.Reason), nil
+	return m.appendFields(b), nil
 }
+
+func (m *Cancel) appendFields(b []byte) []byte { return appendString(b, m.Reason) }
 
 func (m *Cancel) decodePayload(p []byte) error {
 	f := fields{p: p}
@@ -822,11 +851,15 @@ func (m *PageRequest) appendPayload(b []byte) ([]byte, error) {
 	if err := m.check(); err != nil {
 		return nil, err
 	}
+	return m.appendFields(b), nil
+}
+
+func (m *PageRequest) appendFields(b []byte) []byte {
 	b = le.AppendUint32(b, uint32(len(m.GPAs)))
 	for _, a := range m.GPAs {
 		b = le.AppendUint64(b, a)
 	}
-	return b, nil
+	return b
 }
 
 func (m *PageRequest) decodePayload(p []byte) error {

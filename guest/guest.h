@@ -53,6 +53,8 @@ static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d) {
  * workloads at CPL 3 (all memory is user-accessible in this guest). */
 enum workload { W_IDLE, W_DIRTY, W_VERIFY };
 enum pattern { P_SEQ, P_RANDOM, P_HOTCOLD };
+/* Fill content (fill.c); C_MIXED chooses one of the others per page. */
+enum content { C_MIXED, C_TEXT, C_REPEAT, C_RANDOM, C_ZERO };
 
 struct config {
 	enum workload workload;
@@ -66,6 +68,10 @@ struct config {
 	u32 ncpus;
 	u32 expect_cpus;
 	u64 region_base, region_size; /* workload memory, page aligned */
+	u64 fill;      /* fill= as given, bytes */
+	enum content content;
+	int fill_check;
+	u64 fill_base, fill_pages; /* fill area: right after the workload region, page aligned */
 	int have_avx;
 	u64 boot_tsc;
 };
@@ -84,6 +90,19 @@ void con_kvx(const char *key, u64 v);  /* " key=0xhex" */
 
 void user_main(u64 cpu);                /* CPL 3 entry of each CPU */
 void guest_exit(u32 status);            /* works at CPL 0 and 3 */
+
+/* fill.c: page f of the fill area is a pure function of (seed, content, f). */
+const char *content_name(enum content c);
+enum content fill_class(u64 f);        /* never C_MIXED */
+void fill_content(u64 *w, u64 f);      /* writes the 4 KiB page */
+
+/* splitmix64 finaliser: the guest's one hash. */
+static inline u64 mix(u64 z) {
+	z += 0x9e3779b97f4a7c15UL;
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9UL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebUL;
+	return z ^ (z >> 31);
+}
 
 /* boot.S */
 void enter_user(u64 rip, u64 rsp, u64 arg);

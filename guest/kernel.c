@@ -183,7 +183,16 @@ static void parse_cmdline(void) {
 			else if (streq_n(v, "random", vn)) cfg.pattern = P_RANDOM;
 			else if (streq_n(v, "hotcold", vn)) cfg.pattern = P_HOTCOLD;
 			else ok = 0;
+		} else if (streq_n(tok, "content", eq)) {
+			if (streq_n(v, "mixed", vn)) cfg.content = C_MIXED;
+			else if (streq_n(v, "text", vn)) cfg.content = C_TEXT;
+			else if (streq_n(v, "repeat", vn)) cfg.content = C_REPEAT;
+			else if (streq_n(v, "random", vn)) cfg.content = C_RANDOM;
+			else if (streq_n(v, "zero", vn)) cfg.content = C_ZERO;
+			else ok = 0;
 		} else if (streq_n(tok, "size", eq)) cfg.size = parse_num(v, vn, &ok);
+		else if (streq_n(tok, "fill", eq)) cfg.fill = parse_num(v, vn, &ok);
+		else if (streq_n(tok, "fill_check", eq)) cfg.fill_check = parse_num(v, vn, &ok) != 0;
 		else if (streq_n(tok, "rate", eq)) cfg.rate = parse_num(v, vn, &ok);
 		else if (streq_n(tok, "hb", eq)) cfg.hb_ms = parse_ms(v, vn, &ok);
 		else if (streq_n(tok, "exit_after", eq)) cfg.exit_ms = parse_ms(v, vn, &ok);
@@ -438,8 +447,26 @@ static void map_high_and_pick_region(struct hvm_start_info *si) {
 	__asm__ volatile("mov %%cr3, %%rax; mov %%rax, %%cr3" ::: "rax", "memory");
 	cfg.region_base = best_base;
 	cfg.region_size = best_size;
-	if (cfg.size && cfg.size < best_size) cfg.region_size = cfg.size & ~0xfffUL;
-	if (cfg.size > best_size) {
+	u64 fill = cfg.fill & ~0xfffUL;
+	if (fill) {
+		/* The fill area follows the working set; without size= the working
+		 * set is what the fill leaves. Both must fit: no silent shrinking. */
+		u64 ws = cfg.size ? cfg.size & ~0xfffUL : fill < best_size ? best_size - fill : 0;
+		if (!ws || fill >= best_size || ws > best_size - fill) {
+			con_lock();
+			con_puts("ferry-guest: FAIL what=config working set and fill do not fit");
+			con_kv("free", best_size);
+			con_kv("size", cfg.size);
+			con_kv("fill", fill);
+			con_puts("\n");
+			con_unlock();
+			guest_exit(2);
+		}
+		cfg.region_size = ws;
+		cfg.fill_base = best_base + ws;
+		cfg.fill_pages = fill / 4096;
+	} else if (cfg.size && cfg.size < best_size) cfg.region_size = cfg.size & ~0xfffUL;
+	if (!fill && cfg.size > best_size) {
 		con_lock();
 		con_puts("ferry-guest: warning size larger than free RAM, using");
 		con_kv("bytes", best_size);
@@ -553,7 +580,12 @@ void kmain(u32 si_paddr) {
 	con_kv("boot_ms", (rdtsc() - cfg.boot_tsc) / cfg.tsc_khz);
 	con_puts(" cmdline=\"");
 	con_puts(cmdline);
-	con_puts("\"\n");
+	con_puts("\"");
+	if (cfg.fill_pages) {
+		con_kvx("fill_base", cfg.fill_base);
+		con_kv("fill_pages", cfg.fill_pages);
+	}
+	con_puts("\n");
 	con_unlock();
 	go_user = 1;
 	enter_user((u64)user_main, (u64)&ustacks[0][USTACK_SIZE], 0);

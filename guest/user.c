@@ -7,6 +7,7 @@
 
 struct percpu {
 	u64 base, pages;   /* this CPU's slice of the region */
+	u64 fill_base, fill_pages, fill_first; /* its slice of the fill area; first fill page number */
 	u64 hb_seq, next_hb, last_hb_tsc;
 	u64 exit_tsc;
 	u64 last_tsc;      /* for the TSC monotonicity check */
@@ -17,6 +18,7 @@ struct percpu {
 
 static struct percpu pc[MAX_CPUS];
 static volatile u32 exited;
+static volatile u32 fills_done, fills_checked;
 
 #define MAX_FAIL_LINES 50
 
@@ -26,13 +28,6 @@ static u64 xorshift(u64 *s) {
 	x ^= x >> 7;
 	x ^= x << 17;
 	return *s = x;
-}
-
-static u64 mix(u64 z) {
-	z += 0x9e3779b97f4a7c15UL;
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9UL;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebUL;
-	return z ^ (z >> 31);
 }
 
 static u64 tsc_per_ms(void) { return cfg.tsc_khz; }
@@ -71,12 +66,25 @@ static u64 check_tsc(u64 cpu) {
 	return now;
 }
 
+static void check_fill(u64 cpu);
+
 /* maybe_exit: honour exit_after=; the CPU that reaches it first reports
- * and exits the VM with status 0 when no CPU saw an error, 1 otherwise. */
+ * and exits the VM with status 0 when no CPU saw an error, 1 otherwise.
+ * With fill_check=1 every CPU first checks its slice of the fill area, and
+ * the reporting CPU waits for all of them. */
 static void maybe_exit(u64 cpu, u64 now) {
 	if (!cfg.exit_ms || now < pc[cpu].exit_tsc) return;
+	int checking = cfg.fill_check && cfg.fill_pages;
+	if (checking) {
+		check_fill(cpu);
+		__atomic_add_fetch(&fills_checked, 1, __ATOMIC_SEQ_CST);
+	}
 	if (__atomic_exchange_n(&exited, 1, __ATOMIC_SEQ_CST)) {
 		for (;;) sys_idle();
+	}
+	if (checking) {
+		while (__atomic_load_n(&fills_checked, __ATOMIC_SEQ_CST) < cfg.ncpus) cpu_relax();
+		now = rdtsc();
 	}
 	u64 errs = 0;
 	for (u32 i = 0; i < cfg.ncpus; i++) errs += pc[i].errors;
@@ -319,14 +327,82 @@ static void run_verify(u64 cpu) {
 	}
 }
 
+/* ---- fill: memory the workloads never touch again ---- */
+
+/* run_fill: write this CPU's slice of the fill area, report it, and wait
+ * until every CPU has filled its slice, so that all fill lines come before
+ * any start line. */
+static void run_fill(u64 cpu) {
+	struct percpu *c = &pc[cpu];
+	u64 t0 = rdtsc();
+	for (u64 p = 0; p < c->fill_pages; p++) fill_content((u64 *)(c->fill_base + p * 4096), c->fill_first + p);
+	u64 t1 = rdtsc();
+	con_lock();
+	con_puts("ferry-guest: fill");
+	con_kv("cpu", cpu);
+	con_kvx("base", c->fill_base);
+	con_kv("pages", c->fill_pages);
+	con_puts(" content=");
+	con_puts(content_name(cfg.content));
+	con_kv("ms", (t1 - cfg.boot_tsc) / tsc_per_ms());
+	con_kv("took_us", (t1 - t0) * 1000 / cfg.tsc_khz);
+	con_puts("\n");
+	con_unlock();
+	__atomic_add_fetch(&fills_done, 1, __ATOMIC_SEQ_CST);
+	while (__atomic_load_n(&fills_done, __ATOMIC_SEQ_CST) < cfg.ncpus) cpu_relax();
+}
+
+/* check_fill: regenerate every page of this CPU's fill slice and compare;
+ * one FAIL line (and one error) per page that differs. */
+static void check_fill(u64 cpu) {
+	static u64 want[MAX_CPUS][512];
+	struct percpu *c = &pc[cpu];
+	u64 *e = want[cpu], bad = 0, t0 = rdtsc();
+	for (u64 p = 0; p < c->fill_pages; p++) {
+		const u64 *w = (const u64 *)(c->fill_base + p * 4096);
+		u64 f = c->fill_first + p, diff = 0, first = 0;
+		fill_content(e, f);
+		for (u64 i = 0; i < 512; i++)
+			if (w[i] != e[i] && !diff++) first = i;
+		if (!diff) continue;
+		bad++;
+		fail_line(cpu, "fill");
+		if (c->reported <= MAX_FAIL_LINES) {
+			con_kvx("page", f);
+			con_kvx("gpa", (u64)&w[first]);
+			con_kvx("offset", first * 8);
+			con_puts(" content=");
+			con_puts(content_name(fill_class(f)));
+			con_kvx("expected", e[first]);
+			con_kvx("found", w[first]);
+			con_kv("words", diff);
+		}
+		fail_end(cpu);
+	}
+	u64 t1 = rdtsc();
+	con_lock();
+	con_puts("ferry-guest: fillcheck");
+	con_kv("cpu", cpu);
+	con_kvx("base", c->fill_base);
+	con_kv("pages", c->fill_pages);
+	con_kv("bad", bad);
+	con_kv("ms", (t1 - cfg.boot_tsc) / tsc_per_ms());
+	con_kv("took_us", (t1 - t0) * 1000 / cfg.tsc_khz);
+	con_puts("\n");
+	con_unlock();
+}
+
 void user_main(u64 cpu) {
 	struct percpu *c = &pc[cpu];
 	u64 slice = (cfg.region_size / cfg.ncpus) & ~0xfffUL;
 	c->base = cfg.region_base + cpu * slice;
 	c->pages = slice / 4096;
+	/* Fill pages split as evenly as they go: the first CPUs take one more. */
+	u64 share = cfg.fill_pages / cfg.ncpus, extra = cfg.fill_pages % cfg.ncpus;
+	c->fill_first = cpu * share + (cpu < extra ? cpu : extra);
+	c->fill_pages = share + (cpu < extra ? 1 : 0);
+	c->fill_base = cfg.fill_base + c->fill_first * 4096;
 	c->rng = mix(cfg.seed ^ (cpu + 1)) | 1;
-	c->last_tsc = rdtsc();
-	c->next_hb = c->last_tsc + cfg.hb_ms * tsc_per_ms();
 	c->exit_tsc = cfg.boot_tsc + cfg.exit_ms * tsc_per_ms();
 	if (c->pages == 0 && cfg.workload != W_IDLE) {
 		con_lock();
@@ -334,6 +410,9 @@ void user_main(u64 cpu) {
 		con_unlock();
 		guest_exit(2);
 	}
+	if (cfg.fill_pages) run_fill(cpu);
+	c->last_tsc = rdtsc();
+	c->next_hb = c->last_tsc + cfg.hb_ms * tsc_per_ms();
 	con_lock();
 	con_puts("ferry-guest: start");
 	con_kv("cpu", cpu);

@@ -20,10 +20,12 @@ const Prefix = "ferry-guest: "
 // Line kinds.
 const (
 	KindBoot      = "boot"      // kernel set-up done: cpus, tsc_khz, region...
+	KindFill      = "fill"      // one CPU filled its slice of the fill area: cpu base pages content ms took_us
 	KindStart     = "start"     // one CPU starts its workload
 	KindHeartbeat = "hb"        // idle/dirty heartbeat: cpu seq tsc pages rate worst_us
 	KindVerify    = "verify"    // verify heartbeat: cpu seq tsc passes checked mutated regs errors
-	KindFail      = "FAIL"      // the guest found corruption: cpu what=mem|reg|tsc|config ...
+	KindFillCheck = "fillcheck" // fill_check=1 at exit: cpu base pages bad ms took_us
+	KindFail      = "FAIL"      // the guest found corruption: cpu what=mem|reg|tsc|fill|config ...
 	KindException = "EXCEPTION" // a CPU exception stopped the guest
 	KindExit      = "exit"      // exit_after reached: errors ms
 	KindWarning   = "warning"   // a command-line argument was ignored
@@ -118,6 +120,8 @@ type Summary struct {
 	Exited      bool
 	ExitErrors  uint64
 	MaxBeatGaps map[uint64]uint64 // per CPU: largest TSC gap between heartbeats
+	FillPages   uint64            // fill pages written, all CPUs (fill lines)
+	FillChecked uint64            // fill pages checked at exit, all CPUs (fillcheck lines)
 }
 
 // Summarize folds protocol lines into a Summary.
@@ -136,6 +140,10 @@ func Summarize(lines []Line) Summary {
 				s.MaxBeatGaps[cpu] = tsc - prev
 			}
 			last[cpu] = tsc
+		case KindFill:
+			s.FillPages += l.MustUint("pages")
+		case KindFillCheck:
+			s.FillChecked += l.MustUint("pages")
 		case KindFail:
 			s.Failures = append(s.Failures, l)
 		case KindException:

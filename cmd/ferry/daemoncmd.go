@@ -207,16 +207,39 @@ func newNodesCmd() *cobra.Command {
 
 func newMigrateCmd() *cobra.Command {
 	var to, mode, bandwidth string
-	var downtime, timeout time.Duration
-	var maxIter int
-	var asJSON, cancel, set, compress bool
+	var p migration.Params
+	var asJSON, cancel, set, finish, resume bool
 	cmd := &cobra.Command{
 		Use:   "migrate NAME --to ADDR",
 		Short: "Move a running VM to the daemon at ADDR while it runs",
+		Long: `Move a running VM to the daemon at ADDR while it runs.
+
+Modes:
+  precopy   copy memory while the guest runs, pass after pass, then stop it
+            briefly for the rest (--postcopy-on-stall: switch to post-copy
+            instead of a forced stop-and-copy when passes stop shrinking)
+  stopcopy  stop the guest, copy everything, resume it there
+  postcopy  resume the guest there at once; pages follow in the background
+            while the guest's faults are served first
+  demand    resume the guest there at once; send only what it touches
+            (ends when it has every page, when it stops, or with --finish)
+  hybrid    pre-copy bounded by --precopy-time or --precopy-passes, then
+            post-copy (or done, if pre-copy converged within the bound)
+
+In post-copy the guest runs at the destination and its memory is split
+between the hosts: it cannot be cancelled, and if the link breaks the guest
+waits (its vCPUs block on missing pages) while the source re-opens the link
+on its own; --resume makes it try at once. If the link stays down past
+--recovery-timeout, the destination stops the guest rather than run it
+with missing memory.`,
 		Example: `  ferry migrate web --to 10.0.0.2:7700 --mode precopy --downtime-limit 50ms
+  ferry migrate web --to 10.0.0.2:7700 --mode hybrid --precopy-time 5s
+  ferry migrate web --to 10.0.0.2:7700 --mode precopy --postcopy-on-stall
   ferry migrate web --to 10.0.0.2:7700 --mode stopcopy --json
   ferry migrate --cancel web
-  ferry migrate --set web --bandwidth 500Mbit`,
+  ferry migrate --set web --bandwidth 500Mbit
+  ferry migrate --finish web      # end a demand-paging migration: push the rest
+  ferry migrate --resume web      # re-open a broken post-copy link now`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			bw, err := parseBandwidth(bandwidth)
@@ -224,36 +247,51 @@ func newMigrateCmd() *cobra.Command {
 				return err
 			}
 			name := args[0]
+			req := daemon.Request{Name: name}
+			req.Bandwidth = bw
 			switch {
 			case cancel:
-				_, err := callDaemon(daemon.Request{Op: "cancel", Name: name}, nil)
-				return err
+				req.Op = "cancel"
 			case set:
-				_, err := callDaemon(daemon.Request{Op: "set", Name: name, Bandwidth: bw}, nil)
+				req.Op = "set"
+			case finish:
+				req.Op = "finish"
+			case resume:
+				req.Op = "retry-link"
+			}
+			if req.Op != "" {
+				_, err := callDaemon(req, nil)
 				return err
 			}
 			if to == "" {
 				return errors.New("--to ADDR is required")
 			}
-			if _, err := migration.ParseMode(mode); err != nil {
+			p.Mode, p.Bandwidth = mode, bw
+			if _, err := p.Options(); err != nil {
 				return err
 			}
-			req := daemon.Request{Op: "migrate", Name: name, To: to, Mode: mode, DowntimeLimit: downtime,
-				MaxIterations: maxIter, PrecopyTimeout: timeout, Bandwidth: bw, Compress: compress}
+			req.Op, req.To, req.Params = "migrate", to, p
 			return runMigrate(cmd, req, asJSON)
 		},
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&to, "to", "", "the destination daemon's address")
-	fl.StringVar(&mode, "mode", "precopy", "precopy or stopcopy")
-	fl.DurationVar(&downtime, "downtime-limit", migration.DefaultDowntimeLimit, "pre-copy switches over once the rest fits in this")
-	fl.IntVar(&maxIter, "max-iterations", migration.DefaultMaxIterations, "force the switch after this many pre-copy passes")
-	fl.DurationVar(&timeout, "precopy-timeout", migration.DefaultPrecopyTimeout, "force the switch after this long in pre-copy")
+	fl.StringVar(&mode, "mode", "precopy", "precopy, stopcopy, postcopy, demand or hybrid")
+	fl.DurationVar(&p.DowntimeLimit, "downtime-limit", migration.DefaultDowntimeLimit, "pre-copy switches over once the rest fits in this")
+	fl.IntVar(&p.MaxIterations, "max-iterations", migration.DefaultMaxIterations, "force the switch after this many pre-copy passes")
+	fl.DurationVar(&p.PrecopyTimeout, "precopy-timeout", migration.DefaultPrecopyTimeout, "force the switch after this long in pre-copy")
+	fl.DurationVar(&p.PrecopyTime, "precopy-time", 0, "hybrid: pre-copy for at most this long, then post-copy (default 5s)")
+	fl.IntVar(&p.PrecopyPasses, "precopy-passes", 0, "hybrid: at most this many pre-copy passes, then post-copy")
+	fl.BoolVar(&p.PostcopyOnStall, "postcopy-on-stall", false, "precopy: switch to post-copy when passes stop shrinking")
+	fl.DurationVar(&p.RecoveryTimeout, "recovery-timeout", migration.DefaultRecoveryTimeout, "post-copy: how long the source keeps re-opening a broken link")
 	fl.StringVar(&bandwidth, "bandwidth", "", "cap the transfer, e.g. 1Gbit, 500Mbit, 100MB (per second); default unlimited")
-	fl.BoolVar(&compress, "compress", false, "compress pages with zstd")
+	fl.BoolVar(&p.Compress, "compress", false, "compress pages with zstd")
 	fl.BoolVar(&asJSON, "json", false, "print the final report as JSON")
-	fl.BoolVar(&cancel, "cancel", false, "cancel the running migration of NAME (the guest stays here)")
+	fl.BoolVar(&cancel, "cancel", false, "cancel the running migration of NAME (the guest stays here; not in post-copy)")
 	fl.BoolVar(&set, "set", false, "change --bandwidth of the running migration of NAME")
+	fl.BoolVar(&finish, "finish", false, "end the demand-paging migration of NAME: push every page still needed")
+	fl.BoolVar(&resume, "resume", false, "re-open the broken post-copy link of NAME's migration now")
+	cmd.MarkFlagsMutuallyExclusive("cancel", "set", "finish", "resume")
 	return cmd
 }
 
@@ -272,7 +310,7 @@ func runMigrate(cmd *cobra.Command, req daemon.Request, asJSON bool) error {
 			fmt.Fprintf(errOut, "\r\033[K%s", r.Progress.Line())
 			return
 		}
-		if time.Since(lastLine) >= time.Second || r.Progress.Phase != migration.PhasePreCopy {
+		if time.Since(lastLine) >= time.Second || (r.Progress.Phase != migration.PhasePreCopy && r.Progress.Phase != migration.PhasePostCopy) {
 			fmt.Fprintln(errOut, r.Progress.Line())
 			lastLine = time.Now()
 		}

@@ -40,7 +40,9 @@ func newSaveCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			resp, err := control.Call(sock, control.Request{Op: "save", Path: abs, Compress: compress, Resume: resume}, 0)
+			req := control.Request{Op: "save", Path: abs, Resume: resume}
+			req.Compress = compress
+			resp, err := control.Call(sock, req, 0)
 			if err != nil {
 				return fmt.Errorf("save: %w", err)
 			}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -118,7 +117,10 @@ func startVM(f runFlags, console io.Writer) (*vmm.VM, error) {
 	return vm, nil
 }
 
-// receiveVM accepts one trusted migration stream and returns the VM running.
+// receiveVM accepts one trusted migration and returns the VM running. In
+// post-copy the guest runs before all of its memory is here: the
+// migration goes on in the background, and if it fails the VM ends with
+// its error (vm.Wait returns it) instead of running on with missing pages.
 func receiveVM(name, listen, daemonSock string, id *trust.Identity, pool *trust.Pool, console io.Writer) (*vmm.VM, error) {
 	log := newLogger(true)
 	ln, err := trust.Listen("tcp", listen, id, pool, log)
@@ -126,28 +128,10 @@ func receiveVM(name, listen, daemonSock string, id *trust.Identity, pool *trust.
 		return nil, err
 	}
 	fmt.Printf("LISTEN %s\n", ln.Addr())
-	type acc struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan acc, 1)
-	go func() { c, err := ln.Accept(); ch <- acc{c, err} }()
-	var conn net.Conn
-	select {
-	case a := <-ch:
-		if a.err != nil {
-			ln.Close()
-			return nil, a.err
-		}
-		conn = a.c
-	case <-time.After(2 * time.Minute):
-		ln.Close()
-		return nil, errors.New("no migration arrived within 2 minutes")
-	}
-	ln.Close()
 	dst := &migration.Destination{
-		Config: vmm.Config{Console: console, Logger: log},
-		Log:    log,
+		Config:        vmm.Config{Console: console, Logger: log},
+		Log:           log,
+		AcceptTimeout: 2 * time.Minute,
 		Commit: func(mid string) error {
 			c, err := daemon.Dial(daemonSock)
 			if err != nil {
@@ -158,12 +142,20 @@ func receiveVM(name, listen, daemonSock string, id *trust.Identity, pool *trust.
 			return err
 		},
 	}
-	vm, rep, err := dst.Run(context.Background(), conn)
+	vm, rep, err := dst.Run(context.Background(), ln)
 	if err != nil {
-		conn.Close()
 		return nil, fmt.Errorf("incoming migration: %w", err)
 	}
-	log.Info("migration received", "id", rep.ID, "pages", rep.PagesLoaded, "restore", rep.RestoreTime)
-	go func() { <-vm.Done(); conn.Close() }()
+	log.Info("migration received; guest running", "id", rep.ID, "pages", rep.PagesLoaded, "restore", rep.RestoreTime, "postcopy", rep.Postcopy != nil)
+	go func() {
+		if err := dst.Wait(); err != nil {
+			log.Error("incoming migration failed after the guest resumed", "id", rep.ID, "err", err)
+			return
+		}
+		if rep.Postcopy != nil {
+			p := rep.Postcopy
+			log.Info("post-copy done", "id", rep.ID, "end", p.End, "faults", p.Faults, "fault_p99", p.FaultP99, "residency", p.Residency)
+		}
+	}()
 	return vm, nil
 }

@@ -29,19 +29,19 @@ import (
 
 // Request is one command to a VM.
 type Request struct {
-	Op       string `json:"op"` // "status", "pause", "resume", "save", "stop", "migrate", "cancel", "set"
-	Path     string `json:"path,omitempty"`
-	Compress bool   `json:"compress,omitempty"`
-	Resume   bool   `json:"resume,omitempty"`
+	// "status", "pause", "resume", "save", "stop", "input", "migrate",
+	// and for a running migration "cancel", "set" (bandwidth), "finish"
+	// (end demand paging) and "retry-link" (re-open a broken post-copy
+	// link now).
+	Op     string `json:"op"`
+	Path   string `json:"path,omitempty"`
+	Resume bool   `json:"resume,omitempty"`
 	// Migrate: where to (the destination VMM process's address), how, and
-	// which daemon to ask if the outcome is ambiguous.
-	To             string        `json:"to,omitempty"`
-	ResolveAddr    string        `json:"resolve_addr,omitempty"`
-	Mode           string        `json:"mode,omitempty"`
-	DowntimeLimit  time.Duration `json:"downtime_limit_ns,omitempty"`
-	MaxIterations  int           `json:"max_iterations,omitempty"`
-	PrecopyTimeout time.Duration `json:"precopy_timeout_ns,omitempty"`
-	Bandwidth      int64         `json:"bandwidth,omitempty"` // bytes/s
+	// which daemon to ask if the outcome is ambiguous. Save uses Compress,
+	// set uses Bandwidth.
+	To          string `json:"to,omitempty"`
+	ResolveAddr string `json:"resolve_addr,omitempty"`
+	migration.Params
 	// Input: bytes for the guest's serial console.
 	Input []byte `json:"input,omitempty"`
 }
@@ -207,15 +207,11 @@ func (s *Server) migrate(req Request, send func(Response)) Response {
 	if s.env == nil {
 		return Response{Error: "this VM process cannot migrate (not run by a daemon)"}
 	}
-	mode, err := migration.ParseMode(req.Mode)
+	opts, err := req.Params.Options()
 	if err != nil {
 		return Response{Error: err.Error()}
 	}
-	src := &migration.Source{
-		VM: s.vm, Name: s.name, Log: s.log,
-		Opts: migration.Options{Mode: mode, DowntimeLimit: req.DowntimeLimit, MaxIterations: req.MaxIterations,
-			PrecopyTimeout: req.PrecopyTimeout, Bandwidth: req.Bandwidth, Compress: req.Compress},
-	}
+	src := &migration.Source{VM: s.vm, Name: s.name, Log: s.log, Opts: opts}
 	var last time.Time
 	var lastPhase migration.Phase
 	src.Progress = func(p migration.Progress) {
@@ -241,13 +237,8 @@ func (s *Server) migrate(req Request, send func(Response)) Response {
 		s.migrating = nil
 		s.migMu.Unlock()
 	}()
-	ctx := context.Background()
-	conn, err := s.env.Dial(ctx, req.To)
-	if err != nil {
-		return Response{Error: fmt.Sprintf("connecting to the destination %s: %v", req.To, err)}
-	}
-	defer conn.Close()
-	rep, err := src.Run(ctx, conn)
+	dial := func(ctx context.Context) (net.Conn, error) { return s.env.Dial(ctx, req.To) }
+	rep, err := src.Run(context.Background(), dial)
 	if err != nil {
 		return Response{Error: err.Error(), Migration: rep}
 	}
@@ -272,6 +263,12 @@ func (s *Server) handle(req Request) Response {
 		}
 		return Response{OK: true, Status: s.status()}
 	case "resume":
+		s.migMu.Lock()
+		migrating := s.migrating != nil
+		s.migMu.Unlock()
+		if migrating {
+			return Response{Error: "a migration of this VM is running: it decides whether the guest resumes here"}
+		}
 		s.vm.Resume()
 		return Response{OK: true, Status: s.status()}
 	case "stop":
@@ -286,7 +283,23 @@ func (s *Server) handle(req Request) Response {
 		if s.migrating == nil {
 			return Response{Error: "no migration is running"}
 		}
-		s.migrating.Cancel()
+		if err := s.migrating.Cancel(); err != nil {
+			return Response{Error: err.Error()}
+		}
+		return Response{OK: true}
+	case "finish", "retry-link":
+		s.migMu.Lock()
+		defer s.migMu.Unlock()
+		if s.migrating == nil {
+			return Response{Error: "no migration is running"}
+		}
+		do := s.migrating.Finish
+		if req.Op == "retry-link" {
+			do = s.migrating.RetryLink
+		}
+		if err := do(); err != nil {
+			return Response{Error: err.Error()}
+		}
 		return Response{OK: true}
 	case "set":
 		s.migMu.Lock()

@@ -33,14 +33,10 @@ type Request struct {
 	Cmdline string `json:"cmdline,omitempty"`
 	Mem     string `json:"mem,omitempty"`
 	CPUs    int    `json:"cpus,omitempty"`
-	// Migration.
-	To             string        `json:"to,omitempty"`
-	Mode           string        `json:"mode,omitempty"`
-	DowntimeLimit  time.Duration `json:"downtime_limit_ns,omitempty"`
-	MaxIterations  int           `json:"max_iterations,omitempty"`
-	PrecopyTimeout time.Duration `json:"precopy_timeout_ns,omitempty"`
-	Bandwidth      int64         `json:"bandwidth,omitempty"`
-	Compress       bool          `json:"compress,omitempty"`
+	// Migration: the destination daemon and the settings (set uses
+	// Bandwidth alone).
+	To string `json:"to,omitempty"`
+	migration.Params
 	// Trust pool.
 	Addr        string `json:"addr,omitempty"`
 	Fingerprint string `json:"fingerprint,omitempty"`

@@ -239,12 +239,14 @@ func (d *Daemon) handleLocal(req Request, send func(Response)) Response {
 		return Response{OK: true}
 	case "migrate":
 		return d.migrate(req, send)
-	case "cancel", "set":
+	case "cancel", "set", "finish", "retry-link":
 		p, err := d.find(req.Name)
 		if err != nil {
 			return fail("%v", err)
 		}
-		if _, err := control.Call(p.control, control.Request{Op: req.Op, Bandwidth: req.Bandwidth}, 10*time.Second); err != nil {
+		creq := control.Request{Op: req.Op}
+		creq.Bandwidth = req.Bandwidth
+		if _, err := control.Call(p.control, creq, 10*time.Second); err != nil {
 			return fail("%s: %v", req.Name, err)
 		}
 		return Response{OK: true}

@@ -82,9 +82,7 @@ func (d *Daemon) migrate(req Request, send func(Response)) Response {
 		}
 		return fail("destination %s: %v", req.To, err)
 	}
-	creq := control.Request{Op: "migrate", To: resp.Addr, ResolveAddr: req.To, Mode: req.Mode,
-		DowntimeLimit: req.DowntimeLimit, MaxIterations: req.MaxIterations, PrecopyTimeout: req.PrecopyTimeout,
-		Bandwidth: req.Bandwidth, Compress: req.Compress}
+	creq := control.Request{Op: "migrate", To: resp.Addr, ResolveAddr: req.To, Params: req.Params}
 	cr, err := control.CallStream(p.control, creq, 0, func(r control.Response) {
 		send(Response{OK: true, More: true, Progress: r.Progress})
 	})

@@ -173,3 +173,41 @@ func (m *Memory) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// PunchHole drops the pages of [off, off+n) (memfd offsets, page-aligned)
+// from the backing file: they read as zeros again and, under
+// userfaultfd's missing mode, fault again. Post-copy uses it for pages
+// received before the switch and dirtied on the source since.
+func (m *Memory) PunchHole(off, n uint64) error {
+	if err := unix.Fallocate(m.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n)); err != nil {
+		return fmt.Errorf("dropping guest pages [%#x, %#x): %w", off, off+n, err)
+	}
+	return nil
+}
+
+// MarkData sets, in bitmap (one bit per page, indexed by memfd page), the
+// pages that may hold data: holes of the memfd (pages never written, or
+// dropped) are zero and stay clear. It asks the file system
+// (SEEK_DATA/SEEK_HOLE) instead of reading the pages, so that scanning
+// for zero pages does not allocate memory the guest never touched.
+func (m *Memory) MarkData(bitmap []uint64) error {
+	size := int64(len(m.data))
+	for off := int64(0); off < size; {
+		data, err := unix.Seek(m.fd, off, unix.SEEK_DATA)
+		if err == unix.ENXIO {
+			return nil // no data after off
+		}
+		if err != nil {
+			return fmt.Errorf("finding guest pages with data: %w", err)
+		}
+		hole, err := unix.Seek(m.fd, data, unix.SEEK_HOLE)
+		if err != nil {
+			return fmt.Errorf("finding guest pages with data: %w", err)
+		}
+		for p := data / PageSize; p < (hole+PageSize-1)/PageSize && p*PageSize < size; p++ {
+			bitmap[p/64] |= 1 << (p % 64)
+		}
+		off = hole
+	}
+	return nil
+}

@@ -5,8 +5,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
+	"net"
+	"sync"
 	"time"
 
 	"github.com/ferry-vmm/ferry/internal/state"
@@ -29,9 +30,32 @@ type Destination struct {
 	// there). An error stops the migration with the guest never run here.
 	Commit func(id string) error
 	Log    *slog.Logger
+	// RecoveryTimeout bounds how long a guest in post-copy waits for a
+	// broken link to the source to come back; past it the guest is
+	// stopped (it cannot run without its memory). LinkTimeout declares the
+	// link broken when nothing arrived on it for that long. Zero values
+	// take the defaults of Options.
+	RecoveryTimeout time.Duration
+	LinkTimeout     time.Duration
+	// AcceptTimeout bounds the wait for the source's first connection
+	// (0: as long as ctx allows).
+	AcceptTimeout time.Duration
 
 	// onRestored sees the VM after its state is applied, before it runs (tests).
 	onRestored func(*vmm.VM)
+
+	ln        net.Listener
+	hello     *wire.Hello
+	id        [16]byte
+	mu        sync.Mutex
+	reqLink   *link    // the request channel, attached before the switch
+	pc        *pcDest  // post-copy, once the source switched
+	postcopy  bool     // the source announced post-copy (Postcopy received)
+	mainTaken bool     // the main connection arrived
+	need      []uint64 // with postcopy: pages the source will send
+	done      chan struct{}
+	endErr    error
+	rep       *DestReport
 }
 
 // DestReport is the destination's view.
@@ -45,54 +69,190 @@ type DestReport struct {
 	TotalTime    time.Duration `json:"total_time_ns"`
 	Iterations   int           `json:"iterations"`
 	RestoreNotes []string      `json:"restore_warnings,omitempty"`
+	// Postcopy is set when the guest resumed in post-copy; complete once
+	// Wait returned.
+	Postcopy *PostcopyReport `json:"postcopy,omitempty"`
 }
 
-// Run receives a migration on rw. On success it returns the VM, already
-// running. On failure nothing runs and the partly received VM is gone.
-func (d *Destination) Run(ctx context.Context, rw io.ReadWriter) (*vmm.VM, *DestReport, error) {
+// Run receives one migration on the connections ln accepts (the main one,
+// and for post-copy a request channel and the re-opened links after a
+// break). On success it returns the VM, already running; in post-copy the
+// guest then runs before all its memory is here, and Wait tells when the
+// migration really ended. On failure nothing runs and the partly received
+// VM is gone. Run closes ln when the migration has ended.
+func (d *Destination) Run(ctx context.Context, ln net.Listener) (*vmm.VM, *DestReport, error) {
 	if d.Log == nil {
 		d.Log = slog.New(slog.DiscardHandler)
 	}
-	conn := wire.NewConn(rw)
+	d.ln, d.done = ln, make(chan struct{})
+	d.rep = &DestReport{}
+	mainCh := make(chan opened, 1)
+	go d.accept(mainCh)
+	var first opened
+	var timeout <-chan time.Time
+	if d.AcceptTimeout > 0 {
+		t := time.NewTimer(d.AcceptTimeout)
+		defer t.Stop()
+		timeout = t.C
+	}
+	select {
+	case first = <-mainCh:
+	case <-timeout:
+		err := fmt.Errorf("no migration arrived within %s", d.AcceptTimeout)
+		d.end(err)
+		return nil, d.rep, err
+	case <-ctx.Done():
+		d.end(context.Cause(ctx))
+		return nil, d.rep, fmt.Errorf("waiting for the source: %w", context.Cause(ctx))
+	}
+	nc, conn := first.nc, first.conn
 	start := time.Now()
-	rep := &DestReport{}
 	// Reads block; a cancelled context must still end the wait.
-	stop := context.AfterFunc(ctx, func() {
-		if c, ok := rw.(interface{ SetReadDeadline(time.Time) error }); ok {
-			c.SetReadDeadline(time.Unix(1, 0))
-		}
-	})
-	defer stop()
-	vm, err := d.receive(ctx, conn, rep)
-	rep.BytesRecv = conn.BytesReceived()
-	rep.TotalTime = time.Since(start)
+	stop := context.AfterFunc(ctx, func() { nc.SetReadDeadline(time.Unix(1, 0)) })
+	vm, err := d.receive(ctx, conn, first.hello, d.rep)
+	stop()
+	d.rep.BytesRecv = conn.BytesReceived()
+	d.rep.TotalTime = time.Since(start)
 	if err != nil {
 		if vm != nil {
 			vm.Close()
+		}
+		if d.pc != nil {
+			d.pc.close()
 		}
 		// Tell the source, if it still listens, why.
 		var pe peerErr
 		if !errors.As(err, &pe) {
 			conn.WriteMsg(&wire.Error{Code: wire.ErrorInternal, Message: err.Error()})
 		}
-		return nil, rep, err
+		nc.Close()
+		d.end(err)
+		return nil, d.rep, err
 	}
-	return vm, rep, nil
+	d.mu.Lock()
+	pc := d.pc
+	d.mu.Unlock()
+	if pc == nil {
+		go func() { <-vm.Done(); nc.Close() }()
+		d.end(nil)
+		return vm, d.rep, nil
+	}
+	go func() {
+		err := pc.run(&link{nc: nc, conn: conn})
+		d.rep.Postcopy = pc.report()
+		d.rep.BytesRecv = pc.bytesReceived()
+		d.rep.TotalTime = time.Since(start)
+		d.end(err)
+	}()
+	return vm, d.rep, nil
+}
+
+// Wait blocks until the migration has ended, post-copy included, and
+// returns its error: after a post-copy failure the guest was stopped.
+func (d *Destination) Wait() error {
+	<-d.done
+	return d.endErr
+}
+
+func (d *Destination) end(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	select {
+	case <-d.done:
+		return
+	default:
+	}
+	d.endErr = err
+	d.ln.Close()
+	d.reqLink.close()
+	close(d.done)
+}
+
+// opened is the main connection and its Hello.
+type opened struct {
+	nc    net.Conn
+	conn  *wire.Conn
+	hello *wire.Hello
+}
+
+// accept takes the migration's connections: the first Hello is the main
+// connection; Attach opens a further channel. Anything else is refused.
+func (d *Destination) accept(mainCh chan<- opened) {
+	for {
+		nc, err := d.ln.Accept()
+		if err != nil {
+			return
+		}
+		go d.classify(nc, mainCh)
+	}
+}
+
+func (d *Destination) classify(nc net.Conn, mainCh chan<- opened) {
+	nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+	conn := wire.NewConn(nc)
+	m, err := conn.ReadMsg()
+	if err != nil {
+		d.Log.Warn("connection without a first message", "remote", nc.RemoteAddr(), "err", err)
+		nc.Close()
+		return
+	}
+	nc.SetReadDeadline(time.Time{})
+	switch a := m.(type) {
+	case *wire.Hello:
+		d.mu.Lock()
+		taken := d.mainTaken
+		d.mainTaken = true
+		d.mu.Unlock()
+		if !taken {
+			mainCh <- opened{nc, conn, a}
+			return
+		}
+		conn.WriteMsg(&wire.Error{Code: wire.ErrorProtocol, Message: "a migration is already running on this address"})
+	case *wire.Attach:
+		d.attach(&link{nc: nc, conn: conn}, a)
+		return
+	default:
+		conn.WriteMsg(&wire.Error{Code: wire.ErrorProtocol, Message: fmt.Sprintf("a connection must open with hello or attach, not %s", m.Type())})
+	}
+	nc.Close()
+}
+
+// attach takes a further channel of the running migration.
+func (d *Destination) attach(l *link, a *wire.Attach) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	refuse := func(msg string) {
+		l.conn.WriteMsg(&wire.Error{Code: wire.ErrorProtocol, Message: msg})
+		l.close()
+	}
+	if d.id == ([16]byte{}) || a.MigrationID != d.id {
+		refuse(fmt.Sprintf("no migration %x here", a.MigrationID))
+		return
+	}
+	if d.pc != nil {
+		d.pc.attach(l, a)
+		return
+	}
+	if a.Channel != wire.ChannelRequests {
+		refuse("the main connection is open; post-copy has not started")
+		return
+	}
+	if err := l.conn.WriteMsg(&wire.Attached{Channel: a.Channel}); err != nil {
+		l.close()
+		return
+	}
+	d.reqLink.close()
+	d.reqLink = l
 }
 
 // peerErr marks errors that came from the source (no need to echo them).
 type peerErr struct{ error }
 
-func (d *Destination) receive(ctx context.Context, conn *wire.Conn, rep *DestReport) (*vmm.VM, error) {
-	msg, err := conn.ReadMsg()
-	if err != nil {
-		return nil, fmt.Errorf("waiting for the source's hello: %w", err)
-	}
-	hello, ok := msg.(*wire.Hello)
-	if !ok {
-		return nil, fmt.Errorf("source opened with %T instead of hello", msg)
-	}
+func (d *Destination) receive(ctx context.Context, conn *wire.Conn, hello *wire.Hello, rep *DestReport) (*vmm.VM, error) {
 	rep.ID, rep.VM, rep.Mode = hex.EncodeToString(hello.MigrationID[:]), hello.VMName, hello.Mode
+	d.mu.Lock()
+	d.id, d.hello = hello.MigrationID, hello
+	d.mu.Unlock()
 	refuse := func(code wire.RefuseCode, err error) (*vmm.VM, error) {
 		conn.WriteMsg(&wire.Refuse{Code: code, Reason: err.Error()})
 		return nil, peerErr{fmt.Errorf("refused migration of %q: %w", hello.VMName, err)}
@@ -102,7 +262,7 @@ func (d *Destination) receive(ctx context.Context, conn *wire.Conn, rep *DestRep
 		conn.WriteMsg(refusal)
 		return nil, peerErr{fmt.Errorf("refused migration of %q: %s", hello.VMName, refusal.Reason)}
 	}
-	if hello.Mode != string(ModePreCopy) && hello.Mode != string(ModeStopCopy) {
+	if _, err := ParseMode(hello.Mode); err != nil {
 		return refuse(wire.RefuseOptions, fmt.Errorf("mode %q is not supported here", hello.Mode))
 	}
 	if d.Admit != nil {
@@ -161,6 +321,13 @@ func (d *Destination) receive(ctx context.Context, conn *wire.Conn, rep *DestRep
 			}
 			machine = mach
 			rep.RestoreNotes = append(rep.RestoreNotes, warnings...)
+		case *wire.Postcopy:
+			if welcome.ProtocolVersion < wire.PostcopyVersion {
+				return vm, fmt.Errorf("post-copy in protocol version %d", welcome.ProtocolVersion)
+			}
+			if err := d.startPostcopy(vm, m); err != nil {
+				return vm, err
+			}
 		case *wire.Complete:
 			if machine == nil {
 				return vm, errors.New("source completed without sending the machine state")
@@ -190,6 +357,17 @@ func (d *Destination) finish(conn *wire.Conn, vm *vmm.VM, m *state.Machine, rep 
 	if d.onRestored != nil {
 		d.onRestored(vm)
 	}
+	if d.postcopy {
+		// From here a vCPU touching a page the source still holds
+		// waits for it.
+		pc, err := newPCDest(d, vm)
+		if err != nil {
+			return vm, err
+		}
+		d.mu.Lock()
+		d.pc = pc
+		d.mu.Unlock()
+	}
 	if d.Commit != nil {
 		if err := d.Commit(rep.ID); err != nil {
 			return vm, fmt.Errorf("commit refused: %w", err)
@@ -199,6 +377,9 @@ func (d *Destination) finish(conn *wire.Conn, vm *vmm.VM, m *state.Machine, rep 
 		return vm, err
 	}
 	rep.RestoreTime = time.Since(t)
+	if d.pc != nil {
+		d.pc.resumed(time.Now())
+	}
 	// From here the guest runs here whatever happens to the connection: the
 	// source learns it from this message or, if it is lost, by asking.
 	if err := conn.WriteMsg(&wire.Resumed{UnixNano: time.Now().UnixNano(), RestoreTime: rep.RestoreTime}); err != nil {

@@ -70,3 +70,14 @@ func (l *limiter) Wait(ctx context.Context, n int) error {
 		}
 	}
 }
+
+// Take debits n bytes without waiting: traffic that must not wait (answers
+// to post-copy page requests) still uses the link, and what it takes
+// slows what may wait.
+func (l *limiter) Take(n int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.rate > 0 {
+		l.tokens -= float64(n)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"strings"
 	"sync"
@@ -91,78 +92,127 @@ type migrateResult struct {
 	dst      *guest
 	dstRep   *DestReport
 	dstErr   error
+	dstEnd   error          // the destination's end (post-copy included)
 	srcLast  *state.Machine // what the source sent
 	dstFirst *state.Machine // what the destination restored, read back before it ran
 }
 
 // migrate moves g over TCP loopback (through proxy if given) to a new VM.
 func migrate(t *testing.T, g *guest, opts Options, proxy func(client, server net.Conn), hook func(*Source)) migrateResult {
-	return migrateWith(t, g, opts, proxy, hook, nil)
+	return migrateWith(t, g, opts, migrateSetup{proxy: proxy, hook: hook})
 }
 
-// migrateWith is migrate with dstConn wrapping the destination's side of
-// the connection (to make the destination fail).
-func migrateWith(t *testing.T, g *guest, opts Options, proxy func(client, server net.Conn), hook func(*Source), dstConn func(net.Conn) net.Conn) migrateResult {
+// migrateSetup shapes one test migration.
+type migrateSetup struct {
+	// proxy carries each connection the source opens (client) to the
+	// destination (server).
+	proxy func(client, server net.Conn)
+	// hook sees the source before it runs.
+	hook func(*Source)
+	// dstConn wraps the destination's side of each connection (to make
+	// the destination fail).
+	dstConn func(net.Conn) net.Conn
+	// via, if set, is the address the source dials instead of the
+	// destination's (a netSwitch in front of it); it gets the real one.
+	via func(dst string) string
+	// dest adjusts the destination before it runs.
+	dest func(*Destination)
+	// ctx is the source's context (default: background).
+	ctx context.Context
+}
+
+// wrapListener applies f to every accepted connection.
+type wrapListener struct {
+	net.Listener
+	f func(net.Conn) net.Conn
+}
+
+func (w wrapListener) Accept() (net.Conn, error) {
+	c, err := w.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return w.f(c), nil
+}
+
+// migrateWith moves g to a new VM as setup says, and waits until both
+// sides are done (post-copy included).
+func migrateWith(t *testing.T, g *guest, opts Options, setup migrateSetup) migrateResult {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	tcp, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	var ln net.Listener = tcp
+	if setup.dstConn != nil {
+		ln = wrapListener{tcp, setup.dstConn}
+	}
 	var res migrateResult
 	raw := &testguest.Console{}
 	rec := guestlog.NewRecorder(raw)
+	d := &Destination{Config: vmm.Config{Console: rec}, Commit: func(string) error { return nil }, Log: testLog(t, "destination")}
+	d.onRestored = func(vm *vmm.VM) {
+		m, err := vm.Capture()
+		if err == nil {
+			res.dstFirst = m
+		}
+	}
+	if setup.dest != nil {
+		setup.dest(d)
+	}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		c, err := ln.Accept()
-		if err != nil {
-			res.dstErr = err
-			return
-		}
-		defer c.Close()
-		if dstConn != nil {
-			c = dstConn(c)
-		}
-		d := &Destination{Config: vmm.Config{Console: rec}, Commit: func(string) error { return nil }}
-		d.onRestored = func(vm *vmm.VM) {
-			m, err := vm.Capture()
-			if err == nil {
-				res.dstFirst = m
-			}
-		}
-		vm, rep, err := d.Run(context.Background(), c)
+		vm, rep, err := d.Run(context.Background(), ln)
 		res.dstRep, res.dstErr = rep, err
 		if vm != nil {
 			t.Cleanup(func() { vm.Close() })
 			res.dst = &guest{vm: vm, con: rec, raw: raw}
 		}
 	}()
-	var conn net.Conn
-	if proxy != nil {
+	addr := tcp.Addr().String()
+	if setup.via != nil {
+		addr = setup.via(addr)
+	}
+	dial := func(ctx context.Context) (net.Conn, error) {
+		up, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+		if err != nil || setup.proxy == nil {
+			return up, err
+		}
 		a, b := net.Pipe()
-		up, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		go proxy(b, up)
-		conn = a
-	} else {
-		conn, err = net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
+		go setup.proxy(b, up)
+		return a, nil
 	}
-	src := &Source{VM: g.vm, Name: "test", Opts: opts}
+	src := &Source{VM: g.vm, Name: "test", Opts: opts, Log: testLog(t, "source")}
 	src.onFinalState = func(m *state.Machine) { res.srcLast = m }
-	if hook != nil {
-		hook(src)
+	if setup.hook != nil {
+		setup.hook(src)
 	}
-	res.rep, res.err = src.Run(context.Background(), conn)
-	conn.Close()
+	ctx := setup.ctx
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	res.rep, res.err = src.Run(ctx, dial)
 	wg.Wait()
+	if res.dstErr == nil {
+		res.dstEnd = d.Wait()
+	} else {
+		d.Wait()
+	}
 	return res
+}
+
+// testLog sends a side's log to the test's.
+func testLog(t *testing.T, side string) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})).With("side", side)
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
 }
 
 func logReport(t *testing.T, r *Report) {
@@ -328,7 +378,7 @@ func TestFaultsRollBack(t *testing.T) {
 		g.beats(t, 2)
 		// The destination dies mid pre-copy: after 16 MiB its side of the
 		// connection is closed without a word, as when its process is killed.
-		res := migrateWith(t, g, slow, nil, nil, func(c net.Conn) net.Conn { return &dyingConn{Conn: c, left: 16 << 20} })
+		res := migrateWith(t, g, slow, migrateSetup{dstConn: func(c net.Conn) net.Conn { return &dyingConn{Conn: c, left: 16 << 20} }})
 		requireRollback(t, g, res, "lost")
 	})
 }

@@ -1,7 +1,10 @@
 // Package migration moves a running VM from one VMM process to another:
-// pre-copy (iterative, with dirty logging) and stop-and-copy, with rollback
-// to the source on any failure before the destination confirms, and full
-// metrics. It drives internal/vmm on both ends and speaks internal/wire
+// pre-copy (iterative, with dirty logging), stop-and-copy, post-copy
+// (resume at the destination first, pages pushed and fetched on fault via
+// userfaultfd), pure demand paging and hybrid (bounded pre-copy, then
+// post-copy), with rollback to the source on any failure before the
+// destination runs the guest, recovery of a link that breaks during
+// post-copy, and full metrics. It drives internal/vmm on both ends and speaks internal/wire
 // over any connection the caller provides (the daemon provides mutually
 // authenticated TLS).
 //
@@ -9,6 +12,7 @@
 package migration
 
 import (
+	"errors"
 	"fmt"
 	"time"
 )
@@ -20,15 +24,30 @@ type Mode string
 const (
 	ModeStopCopy Mode = "stopcopy"
 	ModePreCopy  Mode = "precopy"
+	// ModePostCopy switches at once and pushes every page in the
+	// background while the destination fetches what the guest faults on.
+	ModePostCopy Mode = "postcopy"
+	// ModeDemand switches at once and sends only what the guest faults on,
+	// until the guest has everything, ends, or the operator finishes it.
+	ModeDemand Mode = "demand"
+	// ModeHybrid runs a bounded pre-copy, then post-copy (or finishes as
+	// pre-copy if it converged within the bound).
+	ModeHybrid Mode = "hybrid"
 )
 
 // ParseMode checks a user-given mode.
 func ParseMode(s string) (Mode, error) {
 	switch Mode(s) {
-	case ModeStopCopy, ModePreCopy:
+	case ModeStopCopy, ModePreCopy, ModePostCopy, ModeDemand, ModeHybrid:
 		return Mode(s), nil
 	}
-	return "", fmt.Errorf("unknown migration mode %q (known: precopy, stopcopy)", s)
+	return "", fmt.Errorf("unknown migration mode %q (known: precopy, stopcopy, postcopy, demand, hybrid)", s)
+}
+
+// mayPostcopy says whether a migration can end in post-copy.
+func (o Options) mayPostcopy() bool {
+	return o.Mode == ModePostCopy || o.Mode == ModeDemand || o.Mode == ModeHybrid ||
+		(o.Mode == ModePreCopy && o.PostcopyOnStall)
 }
 
 // Options tune a migration. Zero values take the defaults below.
@@ -49,6 +68,20 @@ type Options struct {
 	// AckTimeout bounds the wait for the destination's resume
 	// acknowledgement after the last byte was sent.
 	AckTimeout time.Duration
+
+	// PrecopyTime and PrecopyPasses bound hybrid's pre-copy (the first
+	// reached ends it); with neither set, DefaultHybridPrecopyTime.
+	PrecopyTime   time.Duration
+	PrecopyPasses int
+	// PostcopyOnStall makes pre-copy switch to post-copy instead of a
+	// forced stop-and-copy when it stops making progress.
+	PostcopyOnStall bool
+	// LinkTimeout declares a post-copy link broken when nothing arrived on
+	// it for this long (both sides send a ping every LinkTimeout/5).
+	LinkTimeout time.Duration
+	// RecoveryTimeout bounds how long the source keeps trying to re-open a
+	// broken post-copy link before it gives up.
+	RecoveryTimeout time.Duration
 }
 
 // Defaults used where Options leaves a field zero.
@@ -57,6 +90,13 @@ const (
 	DefaultMaxIterations  = 30
 	DefaultPrecopyTimeout = 60 * time.Second
 	DefaultAckTimeout     = 30 * time.Second
+
+	DefaultHybridPrecopyTime = 5 * time.Second
+	DefaultLinkTimeout       = 5 * time.Second
+	// DefaultRecoveryTimeout: a post-copy guest survives a link cut this
+	// long; past it the destination stops the guest (it cannot run without
+	// its memory) and the source gives up.
+	DefaultRecoveryTimeout = 2 * time.Minute
 )
 
 func (o Options) withDefaults() Options {
@@ -75,5 +115,53 @@ func (o Options) withDefaults() Options {
 	if o.AckTimeout <= 0 {
 		o.AckTimeout = DefaultAckTimeout
 	}
+	if o.Mode == ModeHybrid && o.PrecopyTime <= 0 && o.PrecopyPasses <= 0 {
+		o.PrecopyTime = DefaultHybridPrecopyTime
+	}
+	if o.LinkTimeout <= 0 {
+		o.LinkTimeout = DefaultLinkTimeout
+	}
+	if o.RecoveryTimeout <= 0 {
+		o.RecoveryTimeout = DefaultRecoveryTimeout
+	}
 	return o
+}
+
+// Params are a migration's settings as the CLI, the daemon API and a VMM's
+// control socket carry them (JSON; zero values take the defaults).
+type Params struct {
+	Mode            string        `json:"mode,omitempty"`
+	DowntimeLimit   time.Duration `json:"downtime_limit_ns,omitempty"`
+	MaxIterations   int           `json:"max_iterations,omitempty"`
+	PrecopyTimeout  time.Duration `json:"precopy_timeout_ns,omitempty"`
+	Bandwidth       int64         `json:"bandwidth,omitempty"` // bytes/s
+	Compress        bool          `json:"compress,omitempty"`
+	PrecopyTime     time.Duration `json:"precopy_time_ns,omitempty"`
+	PrecopyPasses   int           `json:"precopy_passes,omitempty"`
+	PostcopyOnStall bool          `json:"postcopy_on_stall,omitempty"`
+	RecoveryTimeout time.Duration `json:"recovery_timeout_ns,omitempty"`
+}
+
+// Options checks the parameters and turns them into Options.
+func (p Params) Options() (Options, error) {
+	mode := ModePreCopy
+	if p.Mode != "" {
+		var err error
+		if mode, err = ParseMode(p.Mode); err != nil {
+			return Options{}, err
+		}
+	}
+	if (p.PrecopyTime > 0 || p.PrecopyPasses > 0) && mode != ModeHybrid {
+		return Options{}, fmt.Errorf("--precopy-time and --precopy-passes bound hybrid's pre-copy; mode %s has none (use --precopy-timeout or --max-iterations)", mode)
+	}
+	if p.PostcopyOnStall && mode != ModePreCopy {
+		return Options{}, fmt.Errorf("--postcopy-on-stall applies to pre-copy, not to mode %s", mode)
+	}
+	if p.Bandwidth < 0 || p.DowntimeLimit < 0 || p.PrecopyTimeout < 0 || p.PrecopyTime < 0 || p.RecoveryTimeout < 0 {
+		return Options{}, errors.New("negative migration limit")
+	}
+	return Options{Mode: mode, DowntimeLimit: p.DowntimeLimit, MaxIterations: p.MaxIterations,
+		PrecopyTimeout: p.PrecopyTimeout, Bandwidth: p.Bandwidth, Compress: p.Compress,
+		PrecopyTime: p.PrecopyTime, PrecopyPasses: p.PrecopyPasses, PostcopyOnStall: p.PostcopyOnStall,
+		RecoveryTimeout: p.RecoveryTimeout}, nil
 }

@@ -2,9 +2,11 @@ package migration
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math/bits"
 
 	"github.com/ferry-vmm/ferry/internal/guestmem"
+	"github.com/ferry-vmm/ferry/internal/wire"
 )
 
 // pageIndex maps between the memfd page index (what dirty bitmaps and
@@ -55,4 +57,50 @@ func countSet(bitmap []uint64) uint64 {
 		n += uint64(bits.OnesCount64(w))
 	}
 	return n
+}
+
+// index maps a guest page frame number to its memfd page index.
+func (p pageIndex) index(pfn uint64) (uint64, bool) {
+	gpa := pfn * guestmem.PageSize
+	for _, r := range p.regions {
+		if gpa >= r.GPA && gpa-r.GPA < r.Size {
+			return (r.Offset + gpa - r.GPA) / guestmem.PageSize, true
+		}
+	}
+	return 0, false
+}
+
+func hasBit(bm []uint64, i uint64) bool { return bm[i/64]&(1<<(i%64)) != 0 }
+func setBit(bm []uint64, i uint64)      { bm[i/64] |= 1 << (i % 64) }
+func clearBit(bm []uint64, i uint64)    { bm[i/64] &^= 1 << (i % 64) }
+
+// rangesOf lists the pages set in bm as guest page-frame ranges, in
+// ascending order (the memfd order is the guest-physical order).
+func (p pageIndex) rangesOf(bm []uint64) []wire.PageRange {
+	var out []wire.PageRange
+	forEachSet(bm, func(idx uint64) error {
+		pfn := p.gpa(idx) / guestmem.PageSize
+		if n := len(out); n > 0 && out[n-1].StartPFN+out[n-1].Count == pfn {
+			out[n-1].Count++
+		} else {
+			out = append(out, wire.PageRange{StartPFN: pfn, Count: 1})
+		}
+		return nil
+	})
+	return out
+}
+
+// bitmapOf is the inverse of rangesOf; every page must be guest RAM.
+func (p pageIndex) bitmapOf(rs []wire.PageRange, words int) ([]uint64, error) {
+	bm := make([]uint64, words)
+	for _, r := range rs {
+		for pfn := r.StartPFN; pfn < r.StartPFN+r.Count; pfn++ {
+			idx, ok := p.index(pfn)
+			if !ok || idx/64 >= uint64(words) {
+				return nil, fmt.Errorf("page %#x is not guest RAM", pfn*guestmem.PageSize)
+			}
+			setBit(bm, idx)
+		}
+	}
+	return bm, nil
 }

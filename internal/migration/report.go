@@ -18,6 +18,7 @@ const (
 	PhasePreCopy   Phase = "precopy"
 	PhaseStopCopy  Phase = "stopcopy"
 	PhaseHandover  Phase = "handover"
+	PhasePostCopy  Phase = "postcopy" // the guest runs at the destination; pages follow
 	PhaseCompleted Phase = "completed"
 	PhaseFailed    Phase = "failed"
 )
@@ -28,7 +29,36 @@ const (
 	SwitchMaxIterations = "forced: max iterations"
 	SwitchTimeout       = "forced: pre-copy timeout"
 	SwitchStopCopyMode  = "stop-and-copy mode"
+	SwitchPostCopyMode  = "post-copy mode"
+	SwitchDemandMode    = "demand-paging mode"
+	SwitchHybridTime    = "hybrid: pre-copy time bound"
+	SwitchHybridPasses  = "hybrid: pre-copy pass bound"
+	SwitchStalled       = "pre-copy stalled: post-copy"
 )
+
+// PostcopyReport measures the post-copy phase: the source's counts and
+// the destination's fault measurements (sent in its PostcopyDone).
+type PostcopyReport struct {
+	PagesNeeded uint64        `json:"pages_needed"` // pages the destination lacked at the switch
+	PagesPushed uint64        `json:"pages_pushed"` // sent in the background push
+	PagesDemand uint64        `json:"pages_demand"` // sent in answer to requests
+	BytesPushed uint64        `json:"bytes_pushed"`
+	BytesDemand uint64        `json:"bytes_demand"`
+	Requests    uint64        `json:"requests"`    // page requests received
+	Faults      uint64        `json:"faults"`      // guest accesses that waited for the source
+	ZeroFaults  uint64        `json:"zero_faults"` // faults on zero pages, served at the destination
+	FaultP50    time.Duration `json:"fault_p50_ns"`
+	FaultP99    time.Duration `json:"fault_p99_ns"`
+	FaultMax    time.Duration `json:"fault_max_ns"`
+	Blocked     time.Duration `json:"blocked_ns"`   // vCPU time spent waiting on faults, summed
+	Residency   time.Duration `json:"residency_ns"` // guest resumed → every needed page placed
+	Duration    time.Duration `json:"duration_ns"`  // switch → the destination's PostcopyDone
+	LinkBreaks  int           `json:"link_breaks"`
+	LinkDownFor time.Duration `json:"link_down_ns"`
+	End         string        `json:"end"`                  // "resident", "guest-ended"
+	PagesNever  uint64        `json:"pages_never_sent"`     // needed pages the guest never touched (guest-ended)
+	Finished    bool          `json:"finished_by_operator"` // demand paging ended by --finish
+}
 
 // Iteration is one pass over the pages to send.
 type Iteration struct {
@@ -46,32 +76,33 @@ type Iteration struct {
 
 // Report is what a migration measured. Durations are nanoseconds in JSON.
 type Report struct {
-	ID               string        `json:"id"`
-	VM               string        `json:"vm"`
-	Mode             Mode          `json:"mode"`
-	Destination      string        `json:"destination,omitempty"`
-	Result           string        `json:"result"` // "completed", "failed", "cancelled"
-	Error            string        `json:"error,omitempty"`
-	RolledBack       bool          `json:"rolled_back"` // the guest kept running on the source
-	SwitchReason     string        `json:"switch_reason,omitempty"`
-	TotalTime        time.Duration `json:"total_time_ns"`
-	SetupTime        time.Duration `json:"setup_time_ns"`
-	PrecopyTime      time.Duration `json:"precopy_time_ns"`
-	Downtime         time.Duration `json:"downtime_ns"`                 // source pause to destination resume (VMM view)
-	GuestDowntime    time.Duration `json:"guest_downtime_ns,omitempty"` // largest heartbeat gap around the switch (guest view)
-	RestoreTime      time.Duration `json:"restore_time_ns"`             // destination: state applied
-	BytesTotal       uint64        `json:"bytes_total"`
-	BytesPrecopy     uint64        `json:"bytes_precopy"`
-	BytesStopCopy    uint64        `json:"bytes_stopcopy"`
-	BytesState       uint64        `json:"bytes_state"` // machine state (registers, devices)
-	PagesSent        uint64        `json:"pages_sent"`
-	PagesResent      uint64        `json:"pages_resent"`
-	ZeroPagesSkipped uint64        `json:"zero_pages_skipped"` // never sent: zero at iteration 0
-	MemoryBytes      uint64        `json:"memory_bytes"`
-	AvgThroughput    float64       `json:"avg_throughput"` // bytes/s over the whole migration
-	Iterations       []Iteration   `json:"iterations"`
-	BandwidthLimit   int64         `json:"bandwidth_limit,omitempty"`
-	DowntimeLimit    time.Duration `json:"downtime_limit_ns"`
+	ID               string          `json:"id"`
+	VM               string          `json:"vm"`
+	Mode             Mode            `json:"mode"`
+	Destination      string          `json:"destination,omitempty"`
+	Result           string          `json:"result"` // "completed", "failed", "cancelled"
+	Error            string          `json:"error,omitempty"`
+	RolledBack       bool            `json:"rolled_back"` // the guest kept running on the source
+	SwitchReason     string          `json:"switch_reason,omitempty"`
+	TotalTime        time.Duration   `json:"total_time_ns"`
+	SetupTime        time.Duration   `json:"setup_time_ns"`
+	PrecopyTime      time.Duration   `json:"precopy_time_ns"`
+	Downtime         time.Duration   `json:"downtime_ns"`                 // source pause to destination resume (VMM view)
+	GuestDowntime    time.Duration   `json:"guest_downtime_ns,omitempty"` // largest heartbeat gap around the switch (guest view)
+	RestoreTime      time.Duration   `json:"restore_time_ns"`             // destination: state applied
+	BytesTotal       uint64          `json:"bytes_total"`
+	BytesPrecopy     uint64          `json:"bytes_precopy"`
+	BytesStopCopy    uint64          `json:"bytes_stopcopy"`
+	BytesState       uint64          `json:"bytes_state"` // machine state (registers, devices)
+	PagesSent        uint64          `json:"pages_sent"`
+	PagesResent      uint64          `json:"pages_resent"`
+	ZeroPagesSkipped uint64          `json:"zero_pages_skipped"` // never sent: zero at iteration 0
+	MemoryBytes      uint64          `json:"memory_bytes"`
+	AvgThroughput    float64         `json:"avg_throughput"` // bytes/s over the whole migration
+	Iterations       []Iteration     `json:"iterations"`
+	Postcopy         *PostcopyReport `json:"postcopy,omitempty"`
+	BandwidthLimit   int64           `json:"bandwidth_limit,omitempty"`
+	DowntimeLimit    time.Duration   `json:"downtime_limit_ns"`
 }
 
 // WriteTable renders the report for people.
@@ -101,6 +132,16 @@ func (r *Report) WriteTable(w io.Writer) {
 		units.FormatBytes(r.BytesPrecopy), units.FormatBytes(r.BytesStopCopy), units.FormatBytes(r.BytesState)))
 	row("pages", fmt.Sprintf("%d sent, %d re-sent, %d zero pages skipped", r.PagesSent, r.PagesResent, r.ZeroPagesSkipped))
 	row("throughput", rate(r.AvgThroughput))
+	if p := r.Postcopy; p != nil {
+		row("post-copy", fmt.Sprintf("%s, %s until resident (%s)", ms(p.Duration), ms(p.Residency), p.End))
+		row("post-copy pages", fmt.Sprintf("%d needed: %d pushed (%s), %d on demand (%s), %d never needed",
+			p.PagesNeeded, p.PagesPushed, units.FormatBytes(p.BytesPushed), p.PagesDemand, units.FormatBytes(p.BytesDemand), p.PagesNever))
+		row("remote faults", fmt.Sprintf("%d (p50 %s, p99 %s, max %s; vCPUs blocked %s); %d zero-page faults served locally",
+			p.Faults, us(p.FaultP50), us(p.FaultP99), us(p.FaultMax), ms(p.Blocked), p.ZeroFaults))
+		if p.LinkBreaks > 0 {
+			row("link breaks", fmt.Sprintf("%d, down %s in all, recovered", p.LinkBreaks, ms(p.LinkDownFor)))
+		}
+	}
 	if len(r.Iterations) > 0 {
 		fmt.Fprintf(w, "  %4s %-9s %9s %9s %10s %9s %11s %11s\n", "iter", "phase", "pages", "resent", "bytes", "time", "dirty rate", "throughput")
 		for _, it := range r.Iterations {
@@ -115,6 +156,13 @@ func ms(d time.Duration) string {
 		return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond))
 	}
 	return fmt.Sprintf("%.2f s", d.Seconds())
+}
+
+func us(d time.Duration) string {
+	if d < time.Millisecond {
+		return fmt.Sprintf("%d µs", d.Microseconds())
+	}
+	return ms(d)
 }
 
 func rate(bps float64) string {

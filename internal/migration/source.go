@@ -6,8 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
+	"net"
 	"sync"
 	"time"
 
@@ -44,6 +44,7 @@ type Source struct {
 	onFinalState func(*state.Machine)
 	mu           sync.Mutex
 	cancel       context.CancelCauseFunc
+	postcopy     *pcSource // set once the guest runs at the destination
 }
 
 // SetBandwidth changes the bandwidth cap of a running migration.
@@ -59,20 +60,29 @@ func (s *Source) SetBandwidth(bytesPerSec int64) {
 // ErrCancelled is the cause of a migration cancelled by the operator.
 var ErrCancelled = errors.New("migration cancelled by the operator")
 
-// Cancel aborts a running migration; the guest keeps running on the source.
-func (s *Source) Cancel() {
+// Cancel aborts a running migration; the guest keeps running on the
+// source. A migration in post-copy cannot be cancelled: the guest runs at
+// the destination and needs the memory held here.
+func (s *Source) Cancel() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.postcopy != nil {
+		return errors.New("the migration is in post-copy: the guest runs at the destination and cannot come back; it completes when the destination holds every page")
+	}
 	if s.cancel != nil {
 		s.cancel(ErrCancelled)
 	}
+	return nil
 }
 
 // sender is the state of one outgoing migration.
 type sender struct {
 	*Source
 	ctx   context.Context
-	conn  *wire.Conn
+	dial  Dialer
+	conn  *wire.Conn // the main connection
+	net   net.Conn   // under conn
+	req   *link      // the post-copy request channel (nil unless it may be needed)
 	mem   *guestmem.Memory
 	pages pageIndex
 	rep   *Report
@@ -81,19 +91,32 @@ type sender struct {
 	// inbox carries the destination's messages and, last, the read error
 	// that ended them: one channel, so that a Resumed that arrived just
 	// before the connection closed is never overtaken by the close.
-	inbox      chan received
-	progress   Progress
-	id         [16]byte
-	paused     bool
-	complete   bool   // every byte of the guest was handed to the connection
-	chunks     uint64 // Pages messages sent
-	chunkBytes uint64 // bytes of their chunks
+	inbox     chan received
+	progress  Progress
+	id        [16]byte
+	paused    bool
+	pausedAt  time.Time
+	complete  bool   // every byte of the guest was handed to the connection
+	resumedAt bool   // the destination runs the guest (post-copy: from the switch)
+	version   uint16 // negotiated protocol version
+	// bytesBefore counts bytes sent on connections closed before the
+	// current ones (post-copy links re-opened after a break).
+	bytesBefore uint64
+	chunks      uint64 // Pages messages sent
+	chunkBytes  uint64 // bytes of their chunks
 }
 
-// Run migrates the VM over rw. On success the destination runs the guest
-// and the source VM has been stopped. On failure before the destination's
-// confirmation the guest runs on at the source (Report.RolledBack).
-func (s *Source) Run(ctx context.Context, rw io.ReadWriter) (*Report, error) {
+// Dialer opens a connection to the destination (a mutually authenticated
+// TLS connection in practice). A migration opens one, or two when it may
+// end in post-copy, and more after a post-copy link broke.
+type Dialer func(ctx context.Context) (net.Conn, error)
+
+// Run migrates the VM to the destination dial reaches. On success the
+// destination runs the guest and the source VM has been stopped. On
+// failure before the destination ran the guest, the guest runs on at the
+// source (Report.RolledBack); after it (post-copy), the source keeps the
+// guest paused and its memory until the destination has every page.
+func (s *Source) Run(ctx context.Context, dial Dialer) (*Report, error) {
 	opts := s.Opts.withDefaults()
 	s.Opts = opts
 	if s.Log == nil {
@@ -110,7 +133,7 @@ func (s *Source) Run(ctx context.Context, rw io.ReadWriter) (*Report, error) {
 	idb := make([]byte, 16)
 	rand.Read(idb)
 	x := &sender{
-		Source: s, ctx: ctx, conn: wire.NewConn(rw), mem: mem,
+		Source: s, ctx: ctx, dial: dial, mem: mem,
 		pages: pageIndex{regions: mem.Regions()}, start: time.Now(),
 		sent:  make([]uint64, s.VM.DirtyBitmapWords()),
 		inbox: make(chan received, 16),
@@ -121,8 +144,9 @@ func (s *Source) Run(ctx context.Context, rw io.ReadWriter) (*Report, error) {
 	}
 	copy(x.id[:], idb)
 	err := x.run()
+	x.closeLinks()
 	x.rep.TotalTime = time.Since(x.start)
-	x.rep.BytesTotal = x.conn.BytesSent()
+	x.rep.BytesTotal = x.bytesSent()
 	if x.rep.TotalTime > 0 {
 		x.rep.AvgThroughput = float64(x.rep.BytesTotal) / x.rep.TotalTime.Seconds()
 	}
@@ -145,7 +169,7 @@ func (x *sender) run() error {
 	if err := x.handshake(); err != nil {
 		return err // nothing was paused: the guest never stopped
 	}
-	go x.receive()
+	go x.receive(x.conn, x.inbox)
 	x.rep.SetupTime = time.Since(x.start)
 	err := x.transfer()
 	if err == nil {
@@ -158,6 +182,11 @@ func (x *sender) run() error {
 // layout, vCPU count and CPU features are checked before anything stops.
 func (x *sender) handshake() error {
 	x.report(PhaseSetup)
+	c, err := x.dial(x.ctx)
+	if err != nil {
+		return fmt.Errorf("connecting to the destination: %w", err)
+	}
+	x.net, x.conn = c, wire.NewConn(c)
 	cpuid, header, err := x.VM.GuestCPUID()
 	if err != nil {
 		return fmt.Errorf("reading the guest's CPU model: %w", err)
@@ -180,7 +209,15 @@ func (x *sender) handshake() error {
 		if err := r.Check(hello); err != nil {
 			return fmt.Errorf("destination's welcome: %w", err)
 		}
-		return nil
+		x.version = r.ProtocolVersion
+		if !x.Opts.mayPostcopy() {
+			return nil
+		}
+		if r.ProtocolVersion < wire.PostcopyVersion {
+			return fmt.Errorf("the destination (ferry %s) speaks migration protocol version %d, which has no post-copy: use --mode precopy", r.FerryVersion, r.ProtocolVersion)
+		}
+		x.req, _, err = x.attach(wire.ChannelRequests, 0)
+		return err
 	case *wire.Refuse:
 		return fmt.Errorf("destination refused the migration (%s): %s", r.Code, r.Reason)
 	case *wire.Error:
@@ -223,12 +260,12 @@ type received struct {
 	err error
 }
 
-// receive passes the destination's messages to the sender.
-func (x *sender) receive() {
+// receive passes the destination's messages on conn to inbox.
+func (x *sender) receive(conn *wire.Conn, inbox chan<- received) {
 	for {
-		m, err := x.conn.ReadMsg()
+		m, err := conn.ReadMsg()
 		select {
-		case x.inbox <- received{m, err}:
+		case inbox <- received{m, err}:
 		case <-x.ctx.Done():
 			return
 		}
@@ -269,19 +306,35 @@ func peerError(m wire.Msg) error {
 }
 
 func (x *sender) transfer() error {
-	if x.Opts.Mode == ModeStopCopy {
+	switch x.Opts.Mode {
+	case ModeStopCopy:
 		x.rep.SwitchReason = SwitchStopCopyMode
 		return x.handover(nil)
+	case ModePostCopy, ModeDemand:
+		return x.postcopyAtOnce()
 	}
+	return x.precopy()
+}
+
+// precopy sends every page while the guest runs, then what it dirtied,
+// pass after pass, until the rest fits the downtime limit (then
+// stop-and-copy) or a bound says to switch: stop-and-copy for plain
+// pre-copy, post-copy for hybrid and for --postcopy-on-stall.
+func (x *sender) precopy() error {
 	dirty := make([]uint64, len(x.sent))
 	if err := x.VM.StartDirtyLog(); err != nil {
 		return err
 	}
 	defer x.VM.StopDirtyLog()
 	precopyStart := time.Now()
+	var stalls int
+	var lastRemaining float64
 	// Iteration 0: every page that is not zero; later iterations: what
 	// the guest dirtied meanwhile.
-	todo := x.allPages()
+	todo, err := x.dataPages()
+	if err != nil {
+		return err
+	}
 	for iter := 0; ; iter++ {
 		it, err := x.sendPass(iter, PhasePreCopy, todo, iter == 0)
 		if err != nil {
@@ -305,20 +358,50 @@ func (x *sender) transfer() error {
 		bw := it.Throughput
 		x.progress.RemainingBytes = uint64(remaining)
 		x.progress.DirtyRate = it.DirtyRate
+		// A pass that did not shrink what is left by a tenth made no
+		// progress; two in a row are a stall.
+		if iter > 0 && remaining > 0.9*lastRemaining {
+			stalls++
+		} else {
+			stalls = 0
+		}
+		lastRemaining = remaining
+		elapsed := time.Since(precopyStart)
+		toPostcopy := false
 		switch {
 		case bw > 0 && time.Duration(remaining/bw*float64(time.Second)) <= x.Opts.DowntimeLimit:
 			x.rep.SwitchReason = SwitchConverged
+		case x.Opts.Mode == ModeHybrid && x.Opts.PrecopyPasses > 0 && iter+1 >= x.Opts.PrecopyPasses:
+			x.rep.SwitchReason, toPostcopy = SwitchHybridPasses, true
+		case x.Opts.Mode == ModeHybrid && x.Opts.PrecopyTime > 0 && elapsed >= x.Opts.PrecopyTime:
+			x.rep.SwitchReason, toPostcopy = SwitchHybridTime, true
+		case x.Opts.PostcopyOnStall && stalls >= 2:
+			x.rep.SwitchReason, toPostcopy = SwitchStalled, true
 		case iter+1 >= x.Opts.MaxIterations:
-			x.rep.SwitchReason = SwitchMaxIterations
-		case time.Since(precopyStart) >= x.Opts.PrecopyTimeout:
-			x.rep.SwitchReason = SwitchTimeout
+			x.rep.SwitchReason, toPostcopy = SwitchMaxIterations, x.Opts.mayPostcopy()
+		case elapsed >= x.Opts.PrecopyTimeout:
+			x.rep.SwitchReason, toPostcopy = SwitchTimeout, x.Opts.mayPostcopy()
 		}
-		if x.rep.SwitchReason != "" {
-			x.rep.PrecopyTime = time.Since(precopyStart)
-			return x.handover(dirty)
+		if x.rep.SwitchReason == "" {
+			todo = append(todo[:0:0], dirty...)
+			continue
 		}
-		todo = append(todo[:0:0], dirty...)
+		x.rep.PrecopyTime = elapsed
+		if toPostcopy {
+			return x.switchToPostcopy(dirty)
+		}
+		return x.handover(dirty)
 	}
+}
+
+// dataPages is a bitmap of the pages that may hold data: the memfd's
+// holes (never written) are zero without reading them.
+func (x *sender) dataPages() ([]uint64, error) {
+	bm := make([]uint64, len(x.sent))
+	if err := x.mem.MarkData(bm); err != nil {
+		return nil, err
+	}
+	return bm, nil
 }
 
 // sendPass sends the pages set in todo. With skipZero (iteration 0) zero
@@ -350,7 +433,7 @@ func (x *sender) sendPass(iter int, phase Phase, todo []uint64, skipZero bool) (
 			return err
 		}
 		x.progress.Phase, x.progress.Iteration = phase, iter
-		x.progress.BytesSent = x.conn.BytesSent()
+		x.progress.BytesSent = x.bytesSent()
 		if d := time.Since(start); d > 0 {
 			x.progress.Throughput = float64(x.conn.BytesSent()-bytes0) / d.Seconds()
 		}
@@ -413,15 +496,16 @@ func phaseCode(p Phase) wire.Phase {
 // stop-and-copy mode) and the machine state, and waits for the destination
 // to confirm it runs the guest.
 func (x *sender) handover(dirty []uint64) error {
-	if err := x.VM.Pause(); err != nil {
+	if err := x.pause(); err != nil {
 		return err
 	}
-	x.paused = true
-	pausedAt := time.Now()
 	var todo []uint64
 	skipZero := false
 	if dirty == nil { // stop-and-copy: everything, zero pages left out
-		todo = x.allPages()
+		var err error
+		if todo, err = x.dataPages(); err != nil {
+			return err
+		}
 		skipZero = true
 	} else {
 		if _, err := x.VM.FetchDirty(dirty); err != nil {
@@ -435,6 +519,28 @@ func (x *sender) handover(dirty []uint64) error {
 	}
 	x.rep.Iterations = append(x.rep.Iterations, *it)
 	x.rep.BytesStopCopy = it.Bytes
+	if err := x.sendMachine(); err != nil {
+		return err
+	}
+	if err := x.awaitResumed(); err != nil {
+		return err
+	}
+	x.VM.Stop() // released: the guest lives on at the destination
+	return nil
+}
+
+func (x *sender) pause() error {
+	if err := x.VM.Pause(); err != nil {
+		return err
+	}
+	x.paused = true
+	x.pausedAt = time.Now()
+	return nil
+}
+
+// sendMachine sends the machine state and the totals; from here the
+// destination may run the guest.
+func (x *sender) sendMachine() error {
 	m, err := x.VM.Capture()
 	if err != nil {
 		return err
@@ -457,6 +563,12 @@ func (x *sender) handover(dirty []uint64) error {
 	x.rep.BytesState = x.conn.BytesSent() - b0
 	x.complete = true
 	x.report(PhaseHandover)
+	return nil
+}
+
+// awaitResumed waits for the destination's confirmation that it runs the
+// guest.
+func (x *sender) awaitResumed() error {
 	timer := time.NewTimer(x.Opts.AckTimeout)
 	defer timer.Stop()
 	for {
@@ -467,9 +579,9 @@ func (x *sender) handover(dirty []uint64) error {
 			}
 			msg := in.msg
 			if r, ok := msg.(*wire.Resumed); ok {
-				x.rep.Downtime = time.Since(pausedAt)
+				x.rep.Downtime = time.Since(x.pausedAt)
 				x.rep.RestoreTime = r.RestoreTime
-				x.VM.Stop() // released: the guest lives on at the destination
+				x.resumedAt = true
 				return nil
 			}
 			if err := peerError(msg); err != nil {
@@ -487,6 +599,14 @@ func (x *sender) handover(dirty []uint64) error {
 // last byte went out the destination cannot run the guest: resume here.
 // After it, only the destination's side can tell.
 func (x *sender) rollback(cause error) error {
+	if x.resumedAt {
+		// Post-copy: the guest runs at the destination and part of its
+		// memory is only here. Nothing can be rolled back; the VM stays
+		// paused here (never to run again) and its memory goes with
+		// this process.
+		x.VM.Stop()
+		return fmt.Errorf("post-copy failed after the guest moved (the destination stops it when it cannot get its memory): %w", cause)
+	}
 	x.conn.WriteMsg(&wire.Cancel{Reason: cause.Error()}) // best effort
 	if !x.paused {
 		x.rep.RolledBack = true
@@ -514,18 +634,6 @@ func (x *sender) rollback(cause error) error {
 func (x *sender) report(p Phase) {
 	x.progress.Phase = p
 	x.emit()
-}
-
-// allPages is a bitmap with every page of guest RAM set.
-func (x *sender) allPages() []uint64 {
-	all := make([]uint64, len(x.sent))
-	for i := range all {
-		all[i] = ^uint64(0)
-	}
-	if extra := uint64(len(all))*64 - x.mem.Size()/guestmem.PageSize; extra > 0 {
-		all[len(all)-1] >>= extra
-	}
-	return all
 }
 
 func (x *sender) emit() {

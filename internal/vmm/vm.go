@@ -387,6 +387,10 @@ func (v *VM) finish(exit *Exit, err error) {
 // Stop ends the VM from the host side.
 func (v *VM) Stop() { v.finish(&Exit{Reason: ExitStopped}, nil) }
 
+// Fail ends the VM from the host side because it cannot go on (a
+// post-copy migration lost the source of its memory): Wait returns err.
+func (v *VM) Fail(err error) { v.finish(nil, err) }
+
 // Pause stops every vCPU at an instruction boundary with no I/O exit half
 // done, so that the machine state can be read consistently. It returns when
 // all vCPUs are parked, or with an error if the VM ended meanwhile.

@@ -151,6 +151,13 @@ func allMessages(t testing.TB) []Msg {
 		&PageRequest{GPAs: []uint64{0x1000, 0x100000000, 0x7000}},
 		&Ping{Nonce: 0xdeadbeef, UnixNano: 1767225600000000000},
 		&Pong{Nonce: 0xdeadbeef, PingUnixNano: 1767225600000000000, UnixNano: 1767225600000400000},
+		&Attach{MigrationID: [16]byte{1, 2, 3}, Channel: ChannelRequests, Attempt: 3},
+		&Attached{Channel: ChannelMain, PostcopyStarted: true, Missing: []PageRange{{0, 16}, {0x100, 1}, {1 << 20, 4096}}},
+		&Postcopy{Need: []PageRange{{1, 255}, {0x100000, 262144}}},
+		&PostcopyDone{End: EndResident, PagesPushed: 1 << 18, PagesDemand: 412, Faults: 399, FaultP50: 180 * time.Microsecond,
+			FaultP99: 2 * time.Millisecond, FaultMax: 9 * time.Millisecond, FaultTotal: 250 * time.Millisecond, ZeroFaults: 7,
+			Residency: 3 * time.Second, LinkBreaks: 1, LinkDownFor: 4 * time.Second},
+		&Finish{},
 	}
 }
 

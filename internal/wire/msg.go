@@ -13,7 +13,8 @@ import (
 // Msg is a protocol message: one of the types of this package (*Hello,
 // *Welcome, *Refuse, *Pages, *IterationDone, *IterationAck,
 // *MachineState, *Complete, *Resumed, *Error, *Cancel, *PageRequest,
-// *Ping, *Pong). Messages are validated when encoded and when decoded:
+// *Ping, *Pong, and the post-copy messages *Attach, *Attached, *Postcopy,
+// *PostcopyDone, *Finish). Messages are validated when encoded and when decoded:
 // what one side can send, the other accepts.
 type Msg interface {
 	Type() Type
@@ -54,6 +55,16 @@ func newMsg(t Type) Msg {
 		return new(Ping)
 	case TypePong:
 		return new(Pong)
+	case TypeAttach:
+		return new(Attach)
+	case TypeAttached:
+		return new(Attached)
+	case TypePostcopy:
+		return new(Postcopy)
+	case TypePostcopyDone:
+		return new(PostcopyDone)
+	case TypeFinish:
+		return new(Finish)
 	}
 	return nil
 }
@@ -459,8 +470,8 @@ type Phase uint8
 const (
 	PhasePreCopy        Phase = 0 // while the guest runs on the source
 	PhaseStopCopy       Phase = 1 // after the source paused the guest
-	PhasePostCopyPush   Phase = 2 // after the destination resumed, pushed by the source (reserved)
-	PhasePostCopyDemand Phase = 3 // an answer to a PageRequest (reserved)
+	PhasePostCopyPush   Phase = 2 // after the destination resumed, pushed by the source (v2)
+	PhasePostCopyDemand Phase = 3 // an answer to a PageRequest (v2)
 )
 
 func (p Phase) String() string {
@@ -824,11 +835,11 @@ func (m *Cancel) decodePayload(p []byte) error {
 	return nil
 }
 
-// ---- reserved for post-copy and measurements ----
+// ---- post-copy requests and measurements ----
 
 // PageRequest asks the source for pages the destination needs now
-// (post-copy: the guest faulted on them). Reserved: protocol version 1
-// defines it but no mode of version 1 sends it.
+// (post-copy: the guest faulted on them), on the request channel.
+// Protocol version 1 defined it but no mode of version 1 sends it.
 type PageRequest struct {
 	GPAs []uint64 // 1 to MaxPageRequest page-aligned guest-physical addresses
 }

@@ -126,8 +126,8 @@ func TestMessageValidation(t *testing.T) {
 		msg  Msg
 		want string
 	}{
-		{hello(func(h *Hello) { h.MinVersion = 0 }), "protocol versions 0 to 1"},
-		{hello(func(h *Hello) { h.MinVersion = 2 }), "protocol versions 2 to 1"},
+		{hello(func(h *Hello) { h.MinVersion = 0 }), "protocol versions 0 to 2"},
+		{hello(func(h *Hello) { h.MinVersion = 3 }), "protocol versions 3 to 2"},
 		{hello(func(h *Hello) { h.MigrationID = [16]byte{} }), "migration id is zero"},
 		{hello(func(h *Hello) { h.FerryVersion = "" }), "ferry version is empty"},
 		{hello(func(h *Hello) { h.VMName = "a\x1bb" }), `vm name "a\x1bb": character '\x1b' not allowed`},
@@ -160,6 +160,13 @@ func TestMessageValidation(t *testing.T) {
 		{&PageRequest{}, "0 addresses, 1 to 4096 allowed"},
 		{&PageRequest{GPAs: make([]uint64, MaxPageRequest+1)}, "4097 addresses"},
 		{&PageRequest{GPAs: []uint64{0x1000, 0x1001}}, "address 1 (0x1001) is not page-aligned"},
+		{&Attach{Channel: ChannelMain}, "migration id is zero"},
+		{&Attach{MigrationID: [16]byte{1}, Channel: 9}, "unknown channel 9"},
+		{&Attached{Missing: []PageRange{{5, 1}, {5, 1}}}, "page range 1 (pfn 0x5) overlaps"},
+		{&Postcopy{Need: []PageRange{{1, 0}}}, "page range 0 is empty"},
+		{&Postcopy{Need: []PageRange{{1 << 40, 1}}}, "beyond the physical address space"},
+		{&PostcopyDone{}, "unknown end 0"},
+		{&PostcopyDone{End: EndResident, FaultMax: -1}, "negative duration"},
 	} {
 		c2 := NewConn(rw{bytes.NewReader(nil), new(bytes.Buffer)})
 		err := c2.WriteMsg(c.msg)
@@ -216,13 +223,13 @@ func TestNegotiation(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// A newer source that no longer speaks version 1.
-	h.MinVersion, h.ProtocolVersion = 2, 3
+	// A newer source that no longer speaks version 1 or 2.
+	h.MinVersion, h.ProtocolVersion = 3, 4
 	w, r = Negotiate(h, "0.4.0")
 	if w != nil || r == nil || r.Code != RefuseVersion {
 		t.Fatalf("no common version: %+v %+v", w, r)
 	}
-	want := "the destination (ferry 0.4.0) refused the migration (version mismatch): no common protocol version: the source (ferry 0.4.0-test) speaks 2 to 3, this destination (ferry 0.4.0) 1 to 1"
+	want := "the destination (ferry 0.4.0) refused the migration (version mismatch): no common protocol version: the source (ferry 0.4.0-test) speaks 3 to 4, this destination (ferry 0.4.0) 1 to 2"
 	if r.Error() != want {
 		t.Errorf("refusal:\n got %s\nwant %s", r.Error(), want)
 	}
@@ -230,6 +237,7 @@ func TestNegotiation(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A destination that speaks 1-4 picks 3 for a 2-3 source.
+	h.MinVersion, h.ProtocolVersion = 2, 3
 	w, r = negotiate(h, 1, 4, "0.9.0")
 	if r != nil || w.ProtocolVersion != 3 || w.Check(h) != nil {
 		t.Fatalf("1-4 with 2-3: %+v %+v", w, r)

@@ -62,7 +62,7 @@ const (
 
 // Protocol versions this package speaks (negotiated by Hello and Welcome).
 const (
-	ProtocolVersion    = 1
+	ProtocolVersion    = 2
 	MinProtocolVersion = 1
 )
 
@@ -83,9 +83,14 @@ const (
 	TypeResumed       Type = 0x15 // destination → source: guest running
 	TypeError         Type = 0x20 // either way: the sender gives up
 	TypeCancel        Type = 0x21 // source → destination: migration cancelled
-	TypePageRequest   Type = 0x30 // destination → source (post-copy, reserved)
+	TypePageRequest   Type = 0x30 // destination → source: pages the guest faulted on (v2)
 	TypePing          Type = 0x31 // either way (optional)
 	TypePong          Type = 0x32 // either way (optional)
+	TypeAttach        Type = 0x40 // source → destination: first message of a further connection (v2)
+	TypeAttached      Type = 0x41 // destination → source: the answer to Attach (v2)
+	TypePostcopy      Type = 0x42 // source → destination: switch to post-copy (v2)
+	TypePostcopyDone  Type = 0x43 // destination → source: every needed page arrived (v2)
+	TypeFinish        Type = 0x44 // source → destination: end demand paging (v2)
 )
 
 var typeNames = map[Type]string{
@@ -94,6 +99,8 @@ var typeNames = map[Type]string{
 	TypeMachineState: "machine-state", TypeComplete: "complete", TypeResumed: "resumed",
 	TypeError: "error", TypeCancel: "cancel",
 	TypePageRequest: "page-request", TypePing: "ping", TypePong: "pong",
+	TypeAttach: "attach", TypeAttached: "attached", TypePostcopy: "postcopy",
+	TypePostcopyDone: "postcopy-done", TypeFinish: "finish",
 }
 
 // String names the type as docs/protocol.md does.

@@ -1,0 +1,512 @@
+package migration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+	"unsafe"
+
+	"github.com/ferry-vmm/ferry/internal/guestmem"
+	"github.com/ferry-vmm/ferry/internal/uffd"
+	"github.com/ferry-vmm/ferry/internal/vmm"
+	"github.com/ferry-vmm/ferry/internal/wire"
+)
+
+// The destination's side of post-copy: guest RAM registered with
+// userfaultfd, a fault handler that asks the source for missing pages on
+// the request channel, placement of pushed and requested pages, and the
+// wait for a broken link to come back (docs/migration.md, "Post-copy").
+
+// startPostcopy takes the source's Postcopy message: the pages listed are
+// to come from the source; any of them received before the switch is stale
+// and dropped now.
+func (d *Destination) startPostcopy(vm *vmm.VM, m *wire.Postcopy) error {
+	if d.postcopy {
+		return errors.New("source switched to post-copy twice")
+	}
+	mem := vm.Memory()
+	pages := pageIndex{regions: mem.Regions()}
+	need, err := pages.bitmapOf(m.Need, vm.DirtyBitmapWords())
+	if err != nil {
+		return fmt.Errorf("source's post-copy page list: %w", err)
+	}
+	for _, r := range m.Need {
+		start, _ := pages.index(r.StartPFN)
+		if err := mem.PunchHole(start*guestmem.PageSize, r.Count*guestmem.PageSize); err != nil {
+			return err
+		}
+	}
+	d.postcopy, d.need = true, need
+	return nil
+}
+
+// pcDest is the destination's post-copy state.
+type pcDest struct {
+	d     *Destination
+	vm    *vmm.VM
+	fd    *uffd.FD
+	base  uintptr // guest RAM in this process
+	size  uint64
+	pages pageIndex
+	opts  Options // LinkTimeout, RecoveryTimeout
+
+	mu         sync.Mutex
+	need       []uint64               // pages still to come
+	left       uint64                 // bits set in need
+	waiting    map[uint64][]time.Time // requested pages → when each fault on them arrived
+	req        *link                  // the request channel, nil while the link is down
+	linkCh     chan attachment        // channels the source (re-)opened
+	resident   chan struct{}          // closed when left reaches 0
+	resumedAt  time.Time
+	residentAt time.Time
+	latencies  []time.Duration
+	stats      wire.PostcopyDone
+	needed     uint64 // pages needed at the switch
+	bytesPrev  uint64 // bytes received on links closed before
+	faultsDone chan struct{}
+}
+
+type attachment struct {
+	l *link
+	a *wire.Attach
+}
+
+// newPCDest registers guest RAM with userfaultfd and starts the fault
+// handler: from now on a vCPU touching a missing page waits for it.
+func newPCDest(d *Destination, vm *vmm.VM) (*pcDest, error) {
+	fd, err := uffd.Open()
+	if err != nil {
+		return nil, fmt.Errorf("post-copy needs userfaultfd: %w", err)
+	}
+	mem := vm.Memory().Bytes()
+	p := &pcDest{
+		d: d, vm: vm, fd: fd, base: uintptr(unsafe.Pointer(&mem[0])), size: uint64(len(mem)),
+		pages: pageIndex{regions: vm.Memory().Regions()},
+		opts:  Options{LinkTimeout: d.LinkTimeout, RecoveryTimeout: d.RecoveryTimeout}.withDefaults(),
+		need:  d.need, left: countSet(d.need), needed: countSet(d.need), waiting: map[uint64][]time.Time{},
+		linkCh: make(chan attachment, 4), resident: make(chan struct{}), faultsDone: make(chan struct{}),
+	}
+	if err := fd.Register(p.base, p.size); err != nil {
+		fd.Close()
+		return nil, fmt.Errorf("registering guest RAM with userfaultfd: %w", err)
+	}
+	if p.left == 0 {
+		close(p.resident)
+	}
+	d.mu.Lock()
+	p.req, d.reqLink = d.reqLink, nil
+	d.mu.Unlock()
+	go p.handleFaults()
+	return p, nil
+}
+
+func (p *pcDest) resumed(t time.Time) {
+	p.mu.Lock()
+	p.resumedAt = t
+	if p.left == 0 {
+		p.residentAt = t
+	}
+	p.mu.Unlock()
+}
+
+// close releases userfaultfd. Only when the guest has everything or will
+// never run again: closing lets faulting vCPUs read holes as zeros.
+func (p *pcDest) close() {
+	p.fd.Close()
+	<-p.faultsDone
+}
+
+// handleFaults reads the guest's faults: a page still at the source is
+// requested (once, however many vCPUs wait for it); any other missing page
+// is zero and placed here at once.
+func (p *pcDest) handleFaults() {
+	defer close(p.faultsDone)
+	buf := make([]uffd.Fault, 0, 64)
+	for {
+		faults, err := p.fd.ReadFaults(buf[:0])
+		if err != nil {
+			if !errors.Is(err, uffd.ErrClosed) {
+				p.d.Log.Error("reading guest page faults", "err", err)
+				p.vm.Fail(fmt.Errorf("post-copy: reading guest page faults: %w", err))
+			}
+			return
+		}
+		now := time.Now()
+		var ask []uint64
+		p.mu.Lock()
+		for _, f := range faults {
+			off := uint64(f.Addr - p.base)
+			if off >= p.size {
+				continue
+			}
+			idx := off / guestmem.PageSize
+			if hasBit(p.need, idx) {
+				if _, asked := p.waiting[idx]; !asked {
+					ask = append(ask, p.pages.gpa(idx))
+				}
+				p.waiting[idx] = append(p.waiting[idx], now)
+				p.stats.Faults++
+				continue
+			}
+			// Not from the source: a zero page, or one placed while the
+			// fault was on its way (then only the wake is needed).
+			if err := p.fd.ZeroPage(f.Addr, guestmem.PageSize, true); err == nil {
+				p.stats.ZeroFaults++
+			} else if !errors.Is(err, uffd.ErrExists) {
+				p.d.Log.Error("placing a zero page", "gpa", p.pages.gpa(idx), "err", err)
+			}
+		}
+		req := p.req
+		p.mu.Unlock()
+		if len(ask) > 0 && req != nil {
+			p.request(req, ask)
+		}
+	}
+}
+
+// request asks the source for pages; with the link down they stay in
+// waiting and are asked again when it is back.
+func (p *pcDest) request(l *link, gpas []uint64) {
+	for len(gpas) > 0 {
+		n := min(len(gpas), wire.MaxPageRequest)
+		if err := l.conn.WriteMsg(&wire.PageRequest{GPAs: gpas[:n]}); err != nil {
+			l.close() // the link's reader notices and declares it broken
+			return
+		}
+		gpas = gpas[n:]
+	}
+}
+
+// place puts pages from the source into guest RAM and wakes the vCPUs
+// waiting for them.
+func (p *pcDest) place(m *wire.Pages) error {
+	_, err := m.Decode(p.d.hello.Header, func(gpa uint64, data []byte) error {
+		idx, ok := p.pages.index(gpa / guestmem.PageSize)
+		if !ok {
+			return fmt.Errorf("page %#x is not guest RAM", gpa)
+		}
+		p.mu.Lock()
+		needed := hasBit(p.need, idx)
+		p.mu.Unlock()
+		if !needed {
+			return nil // a pushed page that was also requested, or the reverse
+		}
+		// Place first, then clear the bit: a fault seen in between asks
+		// again (harmless) instead of getting a zero page.
+		addr := p.base + uintptr(idx*guestmem.PageSize)
+		var err error
+		if isZeroPage(data) {
+			err = p.fd.ZeroPage(addr, guestmem.PageSize, true)
+		} else {
+			err = p.fd.Copy(addr, data, true)
+		}
+		if err != nil && !errors.Is(err, uffd.ErrExists) {
+			return fmt.Errorf("placing page %#x: %w", gpa, err)
+		}
+		now := time.Now()
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if !hasBit(p.need, idx) {
+			return nil
+		}
+		clearBit(p.need, idx)
+		p.left--
+		if m.Phase == wire.PhasePostCopyDemand {
+			p.stats.PagesDemand++
+		} else {
+			p.stats.PagesPushed++
+		}
+		for _, t := range p.waiting[idx] {
+			p.latencies = append(p.latencies, now.Sub(t))
+		}
+		delete(p.waiting, idx)
+		if p.left == 0 {
+			p.residentAt = now
+			close(p.resident)
+		}
+		return nil
+	})
+	return err
+}
+
+// attach takes a channel the source opened (called with d.mu held).
+func (p *pcDest) attach(l *link, a *wire.Attach) {
+	select {
+	case p.linkCh <- attachment{l, a}:
+	default:
+		l.conn.WriteMsg(&wire.Error{Code: wire.ErrorProtocol, Message: "too many channels at once"})
+		l.close()
+	}
+}
+
+// run serves post-copy until every page is here or the guest ended, across
+// link breaks; past the recovery timeout without a link it stops the guest.
+func (p *pcDest) run(main *link) error {
+	defer p.close()
+	p.mu.Lock()
+	req := p.req
+	p.mu.Unlock()
+	for {
+		if req != nil {
+			end, err := p.serve(main, req)
+			if end != 0 {
+				return nil
+			}
+			var pe peerErr
+			if errors.As(err, &pe) {
+				err = fmt.Errorf("post-copy cannot complete: %w; the guest was stopped (it cannot run without its memory)", err)
+				p.vm.Fail(err)
+				return err
+			}
+			p.d.Log.Warn("post-copy link broken; the guest waits for it", "err", err)
+		}
+		p.stats.LinkBreaks++
+		down := time.Now()
+		var end wire.PostcopyEnd
+		var err error
+		main, req, end, err = p.awaitLink(down)
+		p.stats.LinkDownFor += time.Since(down)
+		if err != nil {
+			p.vm.Fail(err)
+			return err
+		}
+		if end != 0 {
+			p.sendDone(main, end)
+			main.close()
+			return nil
+		}
+	}
+}
+
+// awaitLink waits for the source to re-open both channels.
+func (p *pcDest) awaitLink(down time.Time) (main, req *link, end wire.PostcopyEnd, err error) {
+	p.mu.Lock()
+	p.req = nil
+	p.mu.Unlock()
+	timer := time.NewTimer(p.opts.RecoveryTimeout)
+	defer timer.Stop()
+	for main == nil || req == nil {
+		select {
+		case at := <-p.linkCh:
+			var reply wire.Attached
+			reply.Channel, reply.PostcopyStarted = at.a.Channel, true
+			p.mu.Lock()
+			if at.a.Channel == wire.ChannelMain {
+				reply.Missing = p.pages.rangesOf(p.need)
+			}
+			p.mu.Unlock()
+			if err := at.l.conn.WriteMsg(&reply); err != nil {
+				at.l.close()
+				continue
+			}
+			if at.a.Channel == wire.ChannelMain {
+				main.close()
+				main = at.l
+			} else {
+				req.close()
+				req = at.l
+			}
+		case <-timer.C:
+			main.close()
+			req.close()
+			p.mu.Lock()
+			left := p.left
+			p.mu.Unlock()
+			return nil, nil, 0, fmt.Errorf("post-copy cannot complete: no link to the source for %s (recovery timeout) with %d pages still there; the guest was stopped (it cannot run without them)",
+				p.opts.RecoveryTimeout.Round(time.Millisecond), left)
+		case <-p.resident:
+			// Every page arrived before the link broke.
+			req.close()
+			return main, nil, wire.EndResident, nil
+		case <-p.vm.Done():
+			req.close()
+			return main, nil, wire.EndGuestEnded, nil
+		}
+	}
+	p.d.Log.Info("post-copy link re-opened", "down", time.Since(down))
+	p.mu.Lock()
+	p.req = req
+	var again []uint64
+	for idx := range p.waiting {
+		again = append(again, p.pages.gpa(idx))
+	}
+	p.mu.Unlock()
+	slices.Sort(again)
+	if len(again) > 0 {
+		p.request(req, again)
+	}
+	return main, req, 0, nil
+}
+
+// serve runs one link: pages pushed on main, answers and pings on the
+// request channel. It returns how post-copy ended, or the link's error.
+func (p *pcDest) serve(main, req *link) (wire.PostcopyEnd, error) {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	fail := func(err error) {
+		cancel(err)
+		main.close()
+		req.close()
+	}
+	var wg sync.WaitGroup
+	wg.Add(3)
+	go func() { defer wg.Done(); p.readLink(ctx, main, false, fail) }()
+	go func() { defer wg.Done(); p.readLink(ctx, req, true, fail) }()
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(p.opts.LinkTimeout / 5)
+		defer t.Stop()
+		for n := uint64(1); ; n++ {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-t.C:
+				if err := req.conn.WriteMsg(&wire.Ping{Nonce: n, UnixNano: now.UnixNano()}); err != nil {
+					fail(fmt.Errorf("request channel: %w", err))
+					return
+				}
+			}
+		}
+	}()
+	var end wire.PostcopyEnd
+	select {
+	case <-p.resident:
+		end = wire.EndResident
+	case <-p.vm.Done():
+		end = wire.EndGuestEnded
+	case <-ctx.Done():
+	}
+	err := context.Cause(ctx)
+	if end != 0 {
+		// PostcopyDone goes on main; the source closes both channels
+		// once it has read it. Until then the readers keep reading (a
+		// read cut short mid-frame would lose the stream's place).
+		cancel(nil)
+		p.sendDone(main, end)
+		t := time.AfterFunc(p.opts.LinkTimeout, func() { main.close(); req.close() })
+		defer t.Stop()
+		err = nil
+	}
+	wg.Wait()
+	main.close()
+	req.close()
+	p.mu.Lock()
+	p.bytesPrev += main.conn.BytesReceived() + req.conn.BytesReceived()
+	p.mu.Unlock()
+	return end, err
+}
+
+// readLink reads one channel until it fails or ctx ends.
+func (p *pcDest) readLink(ctx context.Context, l *link, isReq bool, fail func(error)) {
+	name := "main connection"
+	if isReq {
+		name = "request channel"
+	}
+	for {
+		if isReq && ctx.Err() == nil {
+			l.nc.SetReadDeadline(time.Now().Add(p.opts.LinkTimeout))
+		}
+		m, err := l.conn.ReadMsg()
+		if err != nil && ctx.Err() != nil {
+			return // post-copy ended: the source closed, or the link broke meanwhile
+		}
+		if err != nil {
+			var fe *wire.FrameError
+			if errors.As(err, &fe) && !fe.Truncated && fe.Err == nil {
+				fail(peerErr{fmt.Errorf("corrupt data from the source on the %s: %w", name, err)})
+				return
+			}
+			fail(linkError(name, err, p.opts.LinkTimeout))
+			return
+		}
+		switch m := m.(type) {
+		case *wire.Pages:
+			if err := p.place(m); err != nil {
+				fail(peerErr{fmt.Errorf("bad pages from the source: %w", err)})
+				return
+			}
+		case *wire.Ping:
+			l.conn.WriteMsg(m.Reply(time.Now()))
+		case *wire.Pong:
+		case *wire.Error:
+			fail(peerErr{fmt.Errorf("source failed (%s): %s", m.Code, m.Message)})
+			return
+		case *wire.Cancel:
+			fail(peerErr{fmt.Errorf("source abandoned post-copy: %s", m.Reason)})
+			return
+		}
+	}
+}
+
+// sendDone tells the source that post-copy ended: it may release the
+// guest's memory.
+func (p *pcDest) sendDone(main *link, end wire.PostcopyEnd) {
+	if end == wire.EndResident {
+		// Every page is here: the guest no longer needs the handler.
+		if err := p.fd.Unregister(p.base, p.size); err != nil {
+			p.d.Log.Warn("unregistering guest RAM from userfaultfd", "err", err)
+		}
+	}
+	done := p.snapshot(end)
+	p.d.Log.Info("post-copy done", "end", end, "pushed", done.PagesPushed, "demand", done.PagesDemand,
+		"faults", done.Faults, "zero_faults", done.ZeroFaults, "never_needed", done.PagesMissing, "residency", done.Residency)
+	if main == nil {
+		p.d.Log.Warn("post-copy ended while the link was down: the source learns it when it gives up")
+		return
+	}
+	if err := main.conn.WriteMsg(done); err != nil {
+		p.d.Log.Warn("the source did not get the end of post-copy", "err", err)
+	}
+}
+
+// snapshot is the post-copy measurements as the destination's last message.
+func (p *pcDest) snapshot(end wire.PostcopyEnd) *wire.PostcopyDone {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s := p.stats
+	s.End, s.PagesMissing = end, p.left
+	lat := slices.Clone(p.latencies)
+	slices.Sort(lat)
+	if n := len(lat); n > 0 {
+		s.FaultP50, s.FaultP99, s.FaultMax = lat[n/2], lat[min(n-1, n*99/100)], lat[n-1]
+		for _, l := range lat {
+			s.FaultTotal += l
+		}
+	}
+	if !p.residentAt.IsZero() {
+		s.Residency = p.residentAt.Sub(p.resumedAt)
+	}
+	return &s
+}
+
+func (p *pcDest) report() *PostcopyReport {
+	s := p.snapshot(wire.EndResident)
+	p.mu.Lock()
+	end := "resident"
+	if p.left > 0 {
+		end = "incomplete"
+		if p.vm != nil {
+			select {
+			case <-p.vm.Done():
+				end = "guest-ended"
+			default:
+			}
+		}
+	}
+	p.mu.Unlock()
+	return &PostcopyReport{
+		PagesNeeded: p.needed, PagesPushed: s.PagesPushed, PagesDemand: s.PagesDemand,
+		Faults: s.Faults, ZeroFaults: s.ZeroFaults, FaultP50: s.FaultP50, FaultP99: s.FaultP99, FaultMax: s.FaultMax,
+		Blocked: s.FaultTotal, Residency: s.Residency, LinkBreaks: int(s.LinkBreaks), LinkDownFor: s.LinkDownFor,
+		End: end, PagesNever: s.PagesMissing,
+	}
+}
+
+func (p *pcDest) bytesReceived() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.bytesPrev
+}

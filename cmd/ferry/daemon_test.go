@@ -269,3 +269,75 @@ func stopDaemon(p *os.Process, dir string) {
 	// It did not stop in time: make sure its VMs do not run on.
 	exec.Command("pkill", "-KILL", "-f", "--data-dir "+dir).Run()
 }
+
+// TestDaemonsPostcopy: a verify guest moves by hybrid migration through
+// the daemons (post-copy after one pre-copy pass), then back by demand
+// paging, whose source VMM process is killed while the guest still needs
+// pages from it: the destination stops the guest after its recovery
+// timeout and says why, instead of running it with missing memory.
+func TestDaemonsPostcopy(t *testing.T) {
+	hs := startHosts(t, 2)
+	h1, h2 := hs[0], hs[1]
+	trustEachOther(t, h1, h2)
+	h1.must(t, "run", "--detach", "--name", "vm", "--guest", "test", "--mem", "256M", "--cpus", "2", "--cmdline", "workload=verify size=32M fill=64M")
+	waitBeats(t, h1, "vm", 4)
+	out := h1.must(t, "migrate", "vm", "--to", h2.addr, "--mode", "hybrid", "--precopy-passes", "1", "--downtime-limit", "1ms", "--json")
+	var rep migration.Report
+	if err := json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &rep); err != nil {
+		t.Fatalf("report is not JSON: %v\n%s", err, out)
+	}
+	if rep.Result != "completed" || rep.Postcopy == nil || rep.Postcopy.End != "resident" || rep.SwitchReason != migration.SwitchHybridPasses {
+		t.Fatalf("hybrid migration: %s", out)
+	}
+	t.Logf("hybrid: downtime %s (guest view %s), post-copy %s, %d faults (p99 %s)", rep.Downtime, rep.GuestDowntime,
+		rep.Postcopy.Duration, rep.Postcopy.Faults, rep.Postcopy.FaultP99)
+	waitBeats(t, h2, "vm", 10)
+	requireClean(t, h2, "vm")
+
+	// Back by demand paging; kill the source process once the guest
+	// runs on host 1.
+	done := make(chan string, 1)
+	go func() {
+		out, _ := h2.ferry("migrate", "vm", "--to", h1.addr, "--mode", "demand", "--recovery-timeout", "3s")
+		done <- out
+	}()
+	srcPID := 0
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		ps, _ := h1.ferry("ps")
+		if strings.Contains(ps, "running") {
+			break
+		}
+		srcPID = vmPID(h2.must(t, "ps"), "migrating")
+	}
+	if srcPID == 0 {
+		t.Fatal("no migrating VMM process on host 2")
+	}
+	syscall.Kill(srcPID, syscall.SIGKILL)
+	out = <-done
+	t.Logf("migrate output after the source was killed:\n%s", out)
+	// Host 1 stops the guest within its recovery timeout and says why.
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if ps, _ := h1.ferry("ps"); !strings.Contains(ps, "vm ") {
+			break
+		}
+	}
+	if ps := h1.must(t, "ps"); strings.Contains(ps, "vm ") {
+		t.Fatalf("host 1 still runs the guest without its memory:\n%s", ps)
+	}
+	vmlog, _ := os.ReadFile(filepath.Join(h1.dir, "vms", "vm.log"))
+	if !strings.Contains(string(vmlog), "post-copy cannot complete") {
+		t.Fatalf("host 1's VMM log does not say why the guest stopped:\n%s", vmlog)
+	}
+	requireClean(t, h1, "vm")
+}
+
+// vmPID finds the pid of VM "vm" in state in `ferry ps` output.
+func vmPID(ps, state string) int {
+	for _, l := range strings.Split(ps, "\n") {
+		if f := strings.Fields(l); len(f) > 2 && f[0] == "vm" && f[1] == state {
+			pid, _ := strconv.Atoi(f[2])
+			return pid
+		}
+	}
+	return 0
+}

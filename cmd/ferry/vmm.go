@@ -27,6 +27,7 @@ func newVMMCmd() *cobra.Command {
 	var f runFlags
 	var dataDir, controlSock, consoleLog, daemonSock, listen string
 	var incoming bool
+	var recovery time.Duration
 	cmd := &cobra.Command{
 		Use:    "vmm",
 		Short:  "Run one VM as a daemon's VMM process (internal)",
@@ -50,7 +51,7 @@ func newVMMCmd() *cobra.Command {
 			rec := guestlog.NewRecorder(console)
 			var vm *vmm.VM
 			if incoming {
-				vm, err = receiveVM(f.name, listen, daemonSock, id, pool, rec)
+				vm, err = receiveVM(f.name, listen, daemonSock, recovery, id, pool, rec)
 			} else {
 				vm, err = startVM(f, rec)
 			}
@@ -102,6 +103,7 @@ func newVMMCmd() *cobra.Command {
 	fl.StringVar(&daemonSock, "daemon-socket", "", "the daemon's API socket")
 	fl.BoolVar(&incoming, "incoming", false, "wait for a migration instead of booting")
 	fl.StringVar(&listen, "listen", "", "with --incoming: address to accept the migration on")
+	fl.DurationVar(&recovery, "recovery-timeout", 0, "with --incoming: how long a post-copy guest waits for a broken link before it is stopped")
 	return cmd
 }
 
@@ -121,7 +123,7 @@ func startVM(f runFlags, console io.Writer) (*vmm.VM, error) {
 // post-copy the guest runs before all of its memory is here: the
 // migration goes on in the background, and if it fails the VM ends with
 // its error (vm.Wait returns it) instead of running on with missing pages.
-func receiveVM(name, listen, daemonSock string, id *trust.Identity, pool *trust.Pool, console io.Writer) (*vmm.VM, error) {
+func receiveVM(name, listen, daemonSock string, recovery time.Duration, id *trust.Identity, pool *trust.Pool, console io.Writer) (*vmm.VM, error) {
 	log := newLogger(true)
 	ln, err := trust.Listen("tcp", listen, id, pool, log)
 	if err != nil {
@@ -129,9 +131,10 @@ func receiveVM(name, listen, daemonSock string, id *trust.Identity, pool *trust.
 	}
 	fmt.Printf("LISTEN %s\n", ln.Addr())
 	dst := &migration.Destination{
-		Config:        vmm.Config{Console: console, Logger: log},
-		Log:           log,
-		AcceptTimeout: 2 * time.Minute,
+		Config:          vmm.Config{Console: console, Logger: log},
+		Log:             log,
+		AcceptTimeout:   2 * time.Minute,
+		RecoveryTimeout: recovery,
 		Commit: func(mid string) error {
 			c, err := daemon.Dial(daemonSock)
 			if err != nil {

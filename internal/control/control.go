@@ -42,6 +42,10 @@ type Request struct {
 	To          string `json:"to,omitempty"`
 	ResolveAddr string `json:"resolve_addr,omitempty"`
 	migration.Params
+	// Status: the window (host clock, ns since the epoch) over which to
+	// measure the guest's workload rate (Status.WorkRate).
+	WindowFrom int64 `json:"window_from,omitempty"`
+	WindowTo   int64 `json:"window_to,omitempty"`
 	// Input: bytes for the guest's serial console.
 	Input []byte `json:"input,omitempty"`
 }
@@ -58,6 +62,9 @@ type Status struct {
 	// latest heartbeat line the guest printed in this process; 0 if none.
 	FirstBeatUnixNano int64 `json:"first_beat_unix_nano,omitempty"`
 	LastBeatUnixNano  int64 `json:"last_beat_unix_nano,omitempty"`
+	// WorkRate is the guest workload's progress in pages/s over the
+	// requested window (guestlog.WorkRate).
+	WorkRate float64 `json:"work_rate,omitempty"`
 }
 
 // Response answers a Request.
@@ -238,7 +245,11 @@ func (s *Server) migrate(req Request, send func(Response)) Response {
 		s.migMu.Unlock()
 	}()
 	dial := func(ctx context.Context) (net.Conn, error) { return s.env.Dial(ctx, req.To) }
+	start := time.Now()
 	rep, err := src.Run(context.Background(), dial)
+	if s.console != nil && rep != nil {
+		rep.GuestWorkBefore = guestlog.WorkRate(s.console.Lines(), start.Add(-5*time.Second), start)
+	}
 	if err != nil {
 		return Response{Error: err.Error(), Migration: rep}
 	}
@@ -256,7 +267,11 @@ func (s *Server) handle(req Request) Response {
 	s.log.Info("control request", "op", req.Op)
 	switch req.Op {
 	case "status":
-		return Response{OK: true, Status: s.status()}
+		st := s.status()
+		if req.WindowTo > req.WindowFrom && s.console != nil {
+			st.WorkRate = guestlog.WorkRate(s.console.Lines(), time.Unix(0, req.WindowFrom), time.Unix(0, req.WindowTo))
+		}
+		return Response{OK: true, Status: st}
 	case "pause":
 		if err := s.vm.Pause(); err != nil {
 			return Response{Error: err.Error()}

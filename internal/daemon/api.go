@@ -45,6 +45,9 @@ type Request struct {
 	Input  []byte `json:"input,omitempty"`
 	// Migration arbitration (commit from a local VMM, resolve from a peer).
 	ID string `json:"id,omitempty"`
+	// vm-status from a peer: the window for the workload rate.
+	WindowFrom int64 `json:"window_from,omitempty"`
+	WindowTo   int64 `json:"window_to,omitempty"`
 }
 
 // VMInfo describes one VM in the inventory.
@@ -81,6 +84,7 @@ type Response struct {
 	Running   bool                `json:"running,omitempty"`
 	More      bool                `json:"more,omitempty"` // a stream line; another follows
 	Beat      int64               `json:"first_beat_unix_nano,omitempty"`
+	WorkRate  float64             `json:"work_rate,omitempty"` // vm-status with a window
 }
 
 // Call sends req on conn and reads the answer; stream lines go to each.

@@ -197,11 +197,11 @@ func (d *Daemon) handlePeer(req Request, c net.Conn) Response {
 		if err != nil {
 			return fail("%v", err)
 		}
-		r, err := control.Call(p.control, control.Request{Op: "status"}, 5*time.Second)
+		r, err := control.Call(p.control, control.Request{Op: "status", WindowFrom: req.WindowFrom, WindowTo: req.WindowTo}, 5*time.Second)
 		if err != nil {
 			return fail("%s: %v", req.Name, err)
 		}
-		return Response{OK: true, Beat: r.Status.FirstBeatUnixNano}
+		return Response{OK: true, Beat: r.Status.FirstBeatUnixNano, WorkRate: r.Status.WorkRate}
 	case "resolve":
 		d.mu.Lock()
 		defer d.mu.Unlock()

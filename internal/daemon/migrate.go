@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/ferry-vmm/ferry/internal/control"
+	"github.com/ferry-vmm/ferry/internal/migration"
 	"github.com/ferry-vmm/ferry/internal/trust"
 )
 
@@ -18,8 +19,11 @@ func (d *Daemon) incoming(req Request, c net.Conn) Response {
 	if err != nil {
 		return fail("%v", err)
 	}
-	p, out, err := d.spawn(req.Name, VMInfo{State: "incoming", Mem: req.Mem, CPUs: req.CPUs},
-		[]string{"--incoming", "--listen", net.JoinHostPort(host, "0")})
+	args := []string{"--incoming", "--listen", net.JoinHostPort(host, "0")}
+	if req.RecoveryTimeout > 0 {
+		args = append(args, "--recovery-timeout", req.RecoveryTimeout.String())
+	}
+	p, out, err := d.spawn(req.Name, VMInfo{State: "incoming", Mem: req.Mem, CPUs: req.CPUs}, args)
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -73,7 +77,9 @@ func (d *Daemon) migrate(req Request, send func(Response)) Response {
 		restore()
 		return fail("connecting to the destination daemon %s: %v", req.To, err)
 	}
-	resp, err := Call(pc, Request{Op: "incoming", Name: req.Name, Mem: info.Mem, CPUs: info.CPUs}, nil)
+	inc := Request{Op: "incoming", Name: req.Name, Mem: info.Mem, CPUs: info.CPUs}
+	inc.RecoveryTimeout = req.RecoveryTimeout // the destination waits for a broken post-copy link as long
+	resp, err := Call(pc, inc, nil)
 	pc.Close()
 	if err != nil {
 		restore()
@@ -88,6 +94,11 @@ func (d *Daemon) migrate(req Request, send func(Response)) Response {
 	})
 	if err != nil {
 		restore()
+		select {
+		case <-p.done:
+			err = fmt.Errorf("the VMM process of %s died during the migration (%s); a guest already running at the destination in post-copy cannot get the rest of its memory", req.Name, p.info.Exit)
+		case <-time.After(500 * time.Millisecond):
+		}
 		out := fail("migration of %s: %v", req.Name, err)
 		if cr != nil {
 			out.Migration = cr.Migration
@@ -98,6 +109,7 @@ func (d *Daemon) migrate(req Request, send func(Response)) Response {
 	if cr.Status != nil && cr.Status.LastBeatUnixNano != 0 {
 		cr.Migration.GuestDowntime = d.guestDowntime(req.To, req.Name, cr.Status.LastBeatUnixNano)
 	}
+	d.postcopyDegradation(req.To, req.Name, cr.Migration)
 	d.mu.Lock()
 	p.info.State = "migrated" // its VMM process exits now that the guest left
 	d.mu.Unlock()
@@ -150,4 +162,28 @@ func (d *Daemon) guestDowntime(addr, name string, lastBeat int64) time.Duration 
 		time.Sleep(100 * time.Millisecond)
 	}
 	return 0
+}
+
+// postcopyDegradation asks the destination how fast the guest's workload
+// ran during post-copy and compares it with its pace before the
+// migration (the application's view of post-copy's remote faults).
+func (d *Daemon) postcopyDegradation(addr, name string, rep *migration.Report) {
+	p := rep.Postcopy
+	if p == nil || rep.GuestWorkBefore <= 0 || rep.SwitchUnixNano == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := d.dialPeer(ctx, addr)
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	from := rep.SwitchUnixNano
+	r, err := Call(c, Request{Op: "vm-status", Name: name, WindowFrom: from, WindowTo: from + int64(p.Duration)}, nil)
+	if err != nil || r.WorkRate <= 0 {
+		return
+	}
+	p.GuestWorkDuring = r.WorkRate
+	p.Degradation = max(0, 1-r.WorkRate/rep.GuestWorkBefore)
 }

@@ -1,8 +1,10 @@
 package guestlog
 
 import (
+	"fmt"
 	"strings"
 	"testing"
+	"time"
 )
 
 const sample = `noise before
@@ -92,4 +94,27 @@ func FuzzParse(f *testing.F) {
 		}
 		_ = l.MustUint("cpu")
 	})
+}
+
+func TestWorkRate(t *testing.T) {
+	at := time.Unix(1000, 0)
+	var lines []TimedLine
+	add := func(sec float64, s string) {
+		l, ok := Parse(s)
+		if !ok {
+			t.Fatalf("unparsed %q", s)
+		}
+		lines = append(lines, TimedLine{At: at.Add(time.Duration(sec * float64(time.Second))), Line: l})
+	}
+	// CPU 0 checks 1000 pages/s, CPU 1 writes 500 pages/s.
+	for i := 0; i <= 10; i++ {
+		add(float64(i), fmt.Sprintf("ferry-guest: verify cpu=0 seq=%d tsc=1 ms=%d passes=0 checked=%d mutated=0 regs=0 errors=0", i, i*1000, i*1000))
+		add(float64(i), fmt.Sprintf("ferry-guest: hb cpu=1 seq=%d tsc=1 ms=%d pages=500 rate=1 worst_us=1", i, i*1000))
+	}
+	if r := WorkRate(lines, at, at.Add(10*time.Second)); r < 1499 || r > 1501 {
+		t.Fatalf("rate %f, want 1500", r)
+	}
+	if r := WorkRate(lines, at.Add(20*time.Second), at.Add(30*time.Second)); r != 0 {
+		t.Fatalf("empty window: rate %f", r)
+	}
 }

@@ -95,3 +95,53 @@ func HeartbeatGap(lines []TimedLine, switchAt time.Time) time.Duration {
 	}
 	return gap
 }
+
+// WorkRate is the guest workload's progress in pages per second over the
+// lines that arrived in [from, to]: pages written (dirty's hb lines) or
+// pages checked (verify lines), per CPU between its first and last beat in
+// the window by the guest's own clock, summed over CPUs. Comparing it
+// before and during a migration gives the application's degradation. Zero
+// when no CPU has two beats in the window.
+func WorkRate(lines []TimedLine, from, to time.Time) float64 {
+	type span struct {
+		first, last Line
+		written     uint64 // hb: pages written after the first beat
+		n           int
+	}
+	per := map[uint64]*span{}
+	for _, tl := range lines {
+		if !IsBeat(tl.Line) || tl.At.Before(from) || tl.At.After(to) {
+			continue
+		}
+		cpu, err := tl.Line.Uint("cpu")
+		if err != nil {
+			continue
+		}
+		s := per[cpu]
+		if s == nil {
+			per[cpu] = &span{first: tl.Line, last: tl.Line, n: 1}
+			continue
+		}
+		s.last, s.n = tl.Line, s.n+1
+		if tl.Line.Kind == KindHeartbeat {
+			p, _ := tl.Line.Uint("pages")
+			s.written += p
+		}
+	}
+	var rate float64
+	for _, s := range per {
+		t0, err0 := s.first.Uint("ms")
+		t1, err1 := s.last.Uint("ms")
+		if s.n < 2 || err0 != nil || err1 != nil || t1 <= t0 {
+			continue
+		}
+		work := s.written
+		if s.last.Kind == KindVerify {
+			c0, _ := s.first.Uint("checked")
+			c1, _ := s.last.Uint("checked")
+			work = c1 - min(c0, c1)
+		}
+		rate += float64(work) / (float64(t1-t0) / 1000)
+	}
+	return rate
+}

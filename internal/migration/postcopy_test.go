@@ -61,6 +61,7 @@ func TestMigratePostcopyModes(t *testing.T) {
 			}
 			gap := guestlog.HeartbeatGap(append(g.con.Lines(), res.dst.con.Lines()...), switchAt)
 			t.Logf("guest-observed downtime (heartbeat gap): %s; VMM downtime %s", gap, res.rep.Downtime)
+			logDegradation(t, g, res)
 			select {
 			case <-g.vm.Done():
 			case <-time.After(5 * time.Second):
@@ -122,6 +123,7 @@ func TestPostcopyBeatsForcedStopCopy(t *testing.T) {
 			logReport(t, res.rep)
 			res.dst.beats(t, 5)
 			res.dst.clean(t, "destination")
+			logDegradation(t, g, res)
 			downtime[opts.Mode] = res.rep.Downtime
 		})
 	}
@@ -129,6 +131,23 @@ func TestPostcopyBeatsForcedStopCopy(t *testing.T) {
 		link>>20, downtime[ModePreCopy], downtime[ModePostCopy], downtime[ModeHybrid])
 	if len(downtime) == 3 && (downtime[ModePostCopy] >= downtime[ModePreCopy] || downtime[ModeHybrid] >= downtime[ModePreCopy]) {
 		t.Fatal("post-copy or hybrid stopped the guest longer than pre-copy's forced stop-and-copy")
+	}
+}
+
+// logDegradation prints the guest workload's pace before the migration
+// and at the destination during post-copy, from its own heartbeats.
+func logDegradation(t *testing.T, src *guest, res migrateResult) {
+	p := res.rep.Postcopy
+	if p == nil {
+		return
+	}
+	sw := time.Unix(0, res.rep.SwitchUnixNano)
+	before := guestlog.WorkRate(src.con.Lines(), sw.Add(-5*time.Second), sw)
+	// At least a second: shorter windows hold too few heartbeats.
+	during := guestlog.WorkRate(res.dst.con.Lines(), sw, sw.Add(max(p.Duration, time.Second)))
+	if before > 0 {
+		t.Logf("guest workload: %.0f pages/s before, %.0f during the first %s of post-copy (%.0f%% of its pace)",
+			before, during, max(p.Duration, time.Second), 100*during/before)
 	}
 }
 

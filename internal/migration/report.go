@@ -58,6 +58,11 @@ type PostcopyReport struct {
 	End         string        `json:"end"`                  // "resident", "guest-ended"
 	PagesNever  uint64        `json:"pages_never_sent"`     // needed pages the guest never touched (guest-ended)
 	Finished    bool          `json:"finished_by_operator"` // demand paging ended by --finish
+	// GuestWorkDuring is the workload's progress (pages/s) at the
+	// destination during post-copy, Degradation the fraction of its
+	// progress before the migration that it lost (0.3 = 30 % slower).
+	GuestWorkDuring float64 `json:"guest_work_during,omitempty"`
+	Degradation     float64 `json:"degradation,omitempty"`
 }
 
 // Iteration is one pass over the pages to send.
@@ -87,6 +92,7 @@ type Report struct {
 	TotalTime        time.Duration   `json:"total_time_ns"`
 	SetupTime        time.Duration   `json:"setup_time_ns"`
 	PrecopyTime      time.Duration   `json:"precopy_time_ns"`
+	SwitchUnixNano   int64           `json:"switch_unix_nano,omitempty"`  // when the source paused the guest (host clock)
 	Downtime         time.Duration   `json:"downtime_ns"`                 // source pause to destination resume (VMM view)
 	GuestDowntime    time.Duration   `json:"guest_downtime_ns,omitempty"` // largest heartbeat gap around the switch (guest view)
 	RestoreTime      time.Duration   `json:"restore_time_ns"`             // destination: state applied
@@ -103,6 +109,9 @@ type Report struct {
 	Postcopy         *PostcopyReport `json:"postcopy,omitempty"`
 	BandwidthLimit   int64           `json:"bandwidth_limit,omitempty"`
 	DowntimeLimit    time.Duration   `json:"downtime_limit_ns"`
+	// GuestWorkBefore is the guest workload's progress (pages/s, from its
+	// heartbeats) in the 5 s before the migration began; 0 if unknown.
+	GuestWorkBefore float64 `json:"guest_work_before,omitempty"`
 }
 
 // WriteTable renders the report for people.
@@ -138,6 +147,9 @@ func (r *Report) WriteTable(w io.Writer) {
 			p.PagesNeeded, p.PagesPushed, units.FormatBytes(p.BytesPushed), p.PagesDemand, units.FormatBytes(p.BytesDemand), p.PagesNever))
 		row("remote faults", fmt.Sprintf("%d (p50 %s, p99 %s, max %s; vCPUs blocked %s); %d zero-page faults served locally",
 			p.Faults, us(p.FaultP50), us(p.FaultP99), us(p.FaultMax), ms(p.Blocked), p.ZeroFaults))
+		if p.GuestWorkDuring > 0 {
+			row("guest workload", fmt.Sprintf("%.0f pages/s before, %.0f during post-copy (%.0f%% slower)", r.GuestWorkBefore, p.GuestWorkDuring, 100*p.Degradation))
+		}
 		if p.LinkBreaks > 0 {
 			row("link breaks", fmt.Sprintf("%d, down %s in all, recovered", p.LinkBreaks, ms(p.LinkDownFor)))
 		}

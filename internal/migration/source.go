@@ -535,6 +535,7 @@ func (x *sender) pause() error {
 	}
 	x.paused = true
 	x.pausedAt = time.Now()
+	x.rep.SwitchUnixNano = x.pausedAt.UnixNano()
 	return nil
 }
 

@@ -7,8 +7,9 @@
 // It owns the userfaultfd and a private eventfd used to wake blocked readers,
 // nothing else. It never maps, unmaps or frees memory: the caller owns every
 // mapping it registers and must keep it mapped while it is registered. It
-// knows nothing about guests, KVM or migration; deciding what belongs at a
-// faulting address is the caller's business.
+// must not know about guests, KVM or migration, nor import other ferry
+// packages: deciding what belongs at a faulting address is the caller's
+// business (internal/migration and up).
 //
 // Faults taken by the kernel on behalf of a process (copy_from_user,
 // get_user_pages as KVM does for a vCPU) are reported as well as user-mode

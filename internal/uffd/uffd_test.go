@@ -457,6 +457,11 @@ func TestBadRanges(t *testing.T) {
 
 // TestConcurrentFaults has several threads fault at once, on different
 // pages and on the same page, with one handler goroutine resolving them.
+// The handler places nothing until it has seen faults on every page, and as
+// many on the shared page as it has readers, so the readers are asleep in
+// the kernel at the same time. (A reader can be counted twice: the runtime's
+// preemption signal interrupts a long fault sleep, and the access faults
+// again.)
 func TestConcurrentFaults(t *testing.T) {
 	const distinct, same = 8, 6
 	// Each sleeping reader holds a P (see the package comment): leave room
@@ -464,29 +469,54 @@ func TestConcurrentFaults(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(distinct + same + 2))
 	u, s := registered(t, 64)
 
-	var mu sync.Mutex
-	var handled []Fault
-	var exists int
+	var handled []Fault // written by the handler before it closes resolving
+	var exists int      // written by the handler before it closes resolved
+	resolving := make(chan struct{})
+	resolved := make(chan struct{}) // closed after placing for each fault
 	handlerDone := make(chan error, 1)
+	place := func(f Fault) error {
+		n := int((f.Addr - s.base) / uintptr(ps))
+		err := u.Copy(f.Addr, pattern(n), true)
+		if errors.Is(err, ErrExists) {
+			return nil
+		}
+		return err
+	}
 	go func() {
 		buf := make([]Fault, 0, 16)
+		seen := map[uintptr]int{}
+		for len(seen) < distinct+1 || seen[s.addr(50)] < same {
+			var err error
+			if buf, err = u.ReadFaults(buf[:0]); err != nil {
+				handlerDone <- err
+				return
+			}
+			handled = append(handled, buf...)
+			for _, f := range buf {
+				seen[f.Addr]++
+			}
+		}
+		close(resolving)
+		for _, f := range handled {
+			n := int((f.Addr - s.base) / uintptr(ps))
+			err := u.Copy(f.Addr, pattern(n), true)
+			if errors.Is(err, ErrExists) {
+				exists++
+			} else if err != nil {
+				handlerDone <- err
+				return
+			}
+		}
+		close(resolved)
+		// Serve any fault taken again after a signal interrupted a sleep.
 		for {
 			var err error
-			buf, err = u.ReadFaults(buf[:0])
-			if err != nil {
+			if buf, err = u.ReadFaults(buf[:0]); err != nil {
 				handlerDone <- err
 				return
 			}
 			for _, f := range buf {
-				n := int((f.Addr - s.base) / uintptr(ps))
-				err := u.Copy(f.Addr, pattern(n), true)
-				mu.Lock()
-				handled = append(handled, f)
-				if errors.Is(err, ErrExists) {
-					exists++
-				}
-				mu.Unlock()
-				if err != nil && !errors.Is(err, ErrExists) {
+				if err := place(f); err != nil {
 					handlerDone <- err
 					return
 				}
@@ -505,24 +535,29 @@ func TestConcurrentFaults(t *testing.T) {
 	for range same {
 		readers = append(readers, reader{50, readPage(s, 50, nil)})
 	}
+	await(t, resolving, "every reader to fault")
 	for _, r := range readers {
 		got := await(t, r.ch, fmt.Sprintf("reader of page %d", r.page))
 		if !bytes.Equal(got.data, pattern(r.page)) {
 			t.Errorf("reader of page %d saw the wrong data", r.page)
 		}
 	}
+	// The first placement on page 50 woke all its readers; the handler may
+	// still be placing it again for the other faults.
+	await(t, resolved, "the handler to place a page for every fault")
 	u.Close()
 	if err := await(t, handlerDone, "the handler to stop"); !errors.Is(err, ErrClosed) {
 		t.Fatalf("handler: %v", err)
 	}
-	mu.Lock()
-	defer mu.Unlock()
 	pages := map[uintptr]int{}
 	for _, f := range handled {
 		pages[f.Addr]++
 	}
-	if len(pages) != distinct+1 {
-		t.Errorf("faults on %d pages, want %d: %v", len(pages), distinct+1, pages)
+	if len(pages) != distinct+1 || pages[s.addr(50)] < same {
+		t.Errorf("faults per page %v, want %d pages and %d faults on page 50", pages, distinct+1, same)
+	}
+	if exists < same-1 {
+		t.Errorf("%d placements found the page present, want at least %d", exists, same-1)
 	}
 	t.Logf("%d fault events for %d readers on %d pages; %d placements found the page present",
 		len(handled), distinct+same, len(pages), exists)

@@ -157,7 +157,6 @@ func allMessages(t testing.TB) []Msg {
 		&PostcopyDone{End: EndResident, PagesPushed: 1 << 18, PagesDemand: 412, Faults: 399, FaultP50: 180 * time.Microsecond,
 			FaultP99: 2 * time.Millisecond, FaultMax: 9 * time.Millisecond, FaultTotal: 250 * time.Millisecond, ZeroFaults: 7,
 			Residency: 3 * time.Second, LinkBreaks: 1, LinkDownFor: 4 * time.Second},
-		&Finish{},
 	}
 }
 

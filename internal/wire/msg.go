@@ -14,7 +14,7 @@ import (
 // *Welcome, *Refuse, *Pages, *IterationDone, *IterationAck,
 // *MachineState, *Complete, *Resumed, *Error, *Cancel, *PageRequest,
 // *Ping, *Pong, and the post-copy messages *Attach, *Attached, *Postcopy,
-// *PostcopyDone, *Finish). Messages are validated when encoded and when decoded:
+// *PostcopyDone). Messages are validated when encoded and when decoded:
 // what one side can send, the other accepts.
 type Msg interface {
 	Type() Type
@@ -63,8 +63,6 @@ func newMsg(t Type) Msg {
 		return new(Postcopy)
 	case TypePostcopyDone:
 		return new(PostcopyDone)
-	case TypeFinish:
-		return new(Finish)
 	}
 	return nil
 }

@@ -258,15 +258,6 @@ func (m *PostcopyDone) decodePayload(p []byte) error {
 	return nil
 }
 
-// Finish asks the destination of a demand-paging migration to end it: the
-// source pushes every page still needed and the destination confirms with
-// PostcopyDone as usual. Sent by the source on the main connection.
-type Finish struct{}
-
-func (*Finish) Type() Type                             { return TypeFinish }
-func (*Finish) appendPayload(b []byte) ([]byte, error) { return b, nil }
-func (*Finish) decodePayload([]byte) error             { return nil }
-
 func boolByte(v bool) byte {
 	if v {
 		return 1

@@ -90,7 +90,6 @@ const (
 	TypeAttached      Type = 0x41 // destination → source: the answer to Attach (v2)
 	TypePostcopy      Type = 0x42 // source → destination: switch to post-copy (v2)
 	TypePostcopyDone  Type = 0x43 // destination → source: every needed page arrived (v2)
-	TypeFinish        Type = 0x44 // source → destination: end demand paging (v2)
 )
 
 var typeNames = map[Type]string{
@@ -100,7 +99,7 @@ var typeNames = map[Type]string{
 	TypeError: "error", TypeCancel: "cancel",
 	TypePageRequest: "page-request", TypePing: "ping", TypePong: "pong",
 	TypeAttach: "attach", TypeAttached: "attached", TypePostcopy: "postcopy",
-	TypePostcopyDone: "postcopy-done", TypeFinish: "finish",
+	TypePostcopyDone: "postcopy-done",
 }
 
 // String names the type as docs/protocol.md does.

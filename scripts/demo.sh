@@ -2,7 +2,8 @@
 # The main job, shown: two ferry daemons on this machine act as two hosts,
 # trust each other, run the test guest (dirty workload) on the first and
 # migrate it live to the second with the progress display; then the report
-# and the guest's own view (its heartbeats continue on the destination).
+# and the guest's own view (its heartbeats continue on the destination);
+# then back to the first by post-copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ferry=bin/ferry
@@ -54,5 +55,12 @@ grep 'ferry-guest: hb' "$two_log" | head -n 3
 echo "   ..."
 grep 'ferry-guest: hb' "$two_log" | tail -n 2
 if grep -q 'FAIL\|EXCEPTION' "$two_log"; then echo "the guest reported a problem"; exit 1; fi
-two stop demo
+
+say "and back host2 -> host1 by post-copy: resume there at once, memory follows"
+two migrate demo --to $a1 --mode postcopy
+sleep 2
+one ps
+grep 'ferry-guest: hb' "$one_log" | tail -n 2
+if grep -q 'FAIL\|EXCEPTION' "$one_log"; then echo "the guest reported a problem"; exit 1; fi
+one stop demo
 say "done"

@@ -50,8 +50,9 @@ func newVMMCmd() *cobra.Command {
 			defer console.Close()
 			rec := guestlog.NewRecorder(console)
 			var vm *vmm.VM
+			var incomingDone func() error
 			if incoming {
-				vm, err = receiveVM(f.name, listen, daemonSock, recovery, id, pool, rec)
+				vm, incomingDone, err = receiveVM(f.name, listen, daemonSock, recovery, id, pool, rec)
 			} else {
 				vm, err = startVM(f, rec)
 			}
@@ -66,6 +67,10 @@ func newVMMCmd() *cobra.Command {
 			}
 			defer srv.Close()
 			srv.SetConsole(rec)
+			if incomingDone != nil {
+				release := srv.Hold("the incoming post-copy migration is still bringing the guest's memory")
+				go func() { incomingDone(); release() }()
+			}
 			srv.EnableMigration(&control.MigrationEnv{
 				Dial: func(ctx context.Context, addr string) (net.Conn, error) {
 					return trust.Dial(ctx, "tcp", addr, id, pool, logger)
@@ -123,11 +128,11 @@ func startVM(f runFlags, console io.Writer) (*vmm.VM, error) {
 // post-copy the guest runs before all of its memory is here: the
 // migration goes on in the background, and if it fails the VM ends with
 // its error (vm.Wait returns it) instead of running on with missing pages.
-func receiveVM(name, listen, daemonSock string, recovery time.Duration, id *trust.Identity, pool *trust.Pool, console io.Writer) (*vmm.VM, error) {
+func receiveVM(name, listen, daemonSock string, recovery time.Duration, id *trust.Identity, pool *trust.Pool, console io.Writer) (*vmm.VM, func() error, error) {
 	log := newLogger(true)
 	ln, err := trust.Listen("tcp", listen, id, pool, log)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	fmt.Printf("LISTEN %s\n", ln.Addr())
 	dst := &migration.Destination{
@@ -147,11 +152,14 @@ func receiveVM(name, listen, daemonSock string, recovery time.Duration, id *trus
 	}
 	vm, rep, err := dst.Run(context.Background(), ln)
 	if err != nil {
-		return nil, fmt.Errorf("incoming migration: %w", err)
+		return nil, nil, fmt.Errorf("incoming migration: %w", err)
 	}
 	log.Info("migration received; guest running", "id", rep.ID, "pages", rep.PagesLoaded, "restore", rep.RestoreTime, "postcopy", rep.Postcopy != nil)
+	done := make(chan error, 1)
 	go func() {
-		if err := dst.Wait(); err != nil {
+		err := dst.Wait()
+		done <- err
+		if err != nil {
 			log.Error("incoming migration failed after the guest resumed", "id", rep.ID, "err", err)
 			return
 		}
@@ -160,5 +168,5 @@ func receiveVM(name, listen, daemonSock string, recovery time.Duration, id *trus
 			log.Info("post-copy done", "id", rep.ID, "end", p.End, "faults", p.Faults, "fault_p99", p.FaultP99, "residency", p.Residency)
 		}
 	}()
-	return vm, nil
+	return vm, func() error { return <-done }, nil
 }

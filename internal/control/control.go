@@ -109,6 +109,29 @@ type Server struct {
 	console   *guestlog.Recorder
 	migMu     sync.Mutex
 	migrating *migration.Source
+	// held, while set, refuses the operations that read all of guest
+	// memory (save, migrate): an incoming post-copy migration still
+	// fills it, and Go code that touches a missing page could stall the
+	// whole process (userfaultfd).
+	held string
+}
+
+// Hold refuses save and migrate, giving reason, until release is called.
+func (s *Server) Hold(reason string) (release func()) {
+	s.migMu.Lock()
+	s.held = reason
+	s.migMu.Unlock()
+	return func() {
+		s.migMu.Lock()
+		s.held = ""
+		s.migMu.Unlock()
+	}
+}
+
+func (s *Server) heldReason() string {
+	s.migMu.Lock()
+	defer s.migMu.Unlock()
+	return s.held
 }
 
 // MigrationEnv is what a VMM process needs to send its VM away: how to
@@ -233,6 +256,10 @@ func (s *Server) migrate(req Request, send func(Response)) Response {
 		src.Resolve = func(ctx context.Context, id string) (bool, error) { return s.env.Resolve(ctx, req.ResolveAddr, id) }
 	}
 	s.migMu.Lock()
+	if s.held != "" {
+		s.migMu.Unlock()
+		return Response{Error: "cannot migrate now: " + s.held}
+	}
 	if s.migrating != nil {
 		s.migMu.Unlock()
 		return Response{Error: "a migration of this VM is already running"}
@@ -327,6 +354,9 @@ func (s *Server) handle(req Request) Response {
 	case "save":
 		if req.Path == "" {
 			return Response{Error: "save: no output path"}
+		}
+		if h := s.heldReason(); h != "" {
+			return Response{Error: "cannot save now: " + h}
 		}
 		rep, err := snapshot.SaveFile(s.vm, req.Path, snapshot.SaveOptions{Compress: req.Compress, Resume: req.Resume})
 		if err != nil {

@@ -154,7 +154,7 @@ func receiveVM(name, listen, daemonSock string, recovery time.Duration, id *trus
 	if err != nil {
 		return nil, nil, fmt.Errorf("incoming migration: %w", err)
 	}
-	log.Info("migration received; guest running", "id", rep.ID, "pages", rep.PagesLoaded, "restore", rep.RestoreTime, "postcopy", rep.Postcopy != nil)
+	log.Info("migration received; guest running", "id", rep.ID, "pages", rep.PagesLoaded, "restore", rep.RestoreTime)
 	done := make(chan error, 1)
 	go func() {
 		err := dst.Wait()
@@ -163,8 +163,7 @@ func receiveVM(name, listen, daemonSock string, recovery time.Duration, id *trus
 			log.Error("incoming migration failed after the guest resumed", "id", rep.ID, "err", err)
 			return
 		}
-		if rep.Postcopy != nil {
-			p := rep.Postcopy
+		if p := dst.Report().Postcopy; p != nil {
 			log.Info("post-copy done", "id", rep.ID, "end", p.End, "faults", p.Faults, "fault_p99", p.FaultP99, "residency", p.Residency)
 		}
 	}()

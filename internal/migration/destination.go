@@ -44,18 +44,19 @@ type Destination struct {
 	// onRestored sees the VM after its state is applied, before it runs (tests).
 	onRestored func(*vmm.VM)
 
-	ln        net.Listener
-	hello     *wire.Hello
-	id        [16]byte
-	mu        sync.Mutex
-	reqLink   *link    // the request channel, attached before the switch
-	pc        *pcDest  // post-copy, once the source switched
-	postcopy  bool     // the source announced post-copy (Postcopy received)
-	mainTaken bool     // the main connection arrived
-	need      []uint64 // with postcopy: pages the source will send
-	done      chan struct{}
-	endErr    error
-	rep       *DestReport
+	ln         net.Listener
+	hello      *wire.Hello
+	id         [16]byte
+	mu         sync.Mutex
+	reqLink    *link            // the request channel, attached before the switch
+	pc         *pcDest          // post-copy, once the source switched
+	postcopy   bool             // the source announced post-copy (Postcopy received)
+	mainTaken  bool             // the main connection arrived
+	need       []uint64         // with postcopy: pages the source will send
+	needRanges []wire.PageRange // the same, as the source listed them
+	done       chan struct{}
+	endErr     error
+	rep        *DestReport
 }
 
 // DestReport is the destination's view.
@@ -100,17 +101,21 @@ func (d *Destination) Run(ctx context.Context, ln net.Listener) (*vmm.VM, *DestR
 	case <-timeout:
 		err := fmt.Errorf("no migration arrived within %s", d.AcceptTimeout)
 		d.end(err)
+		d.closeListener()
 		return nil, d.rep, err
 	case <-ctx.Done():
 		d.end(context.Cause(ctx))
+		d.closeListener()
 		return nil, d.rep, fmt.Errorf("waiting for the source: %w", context.Cause(ctx))
 	}
-	nc, conn := first.nc, first.conn
+	nc, conn := first.l.nc, first.l.conn
 	start := time.Now()
 	// Reads block; a cancelled context must still end the wait.
 	stop := context.AfterFunc(ctx, func() { nc.SetReadDeadline(time.Unix(1, 0)) })
 	vm, err := d.receive(ctx, conn, first.hello, d.rep)
-	stop()
+	if !stop() && err == nil {
+		nc.SetReadDeadline(time.Time{}) // cancelled just after the end: the connection lives on
+	}
 	d.rep.BytesRecv = conn.BytesReceived()
 	d.rep.TotalTime = time.Since(start)
 	if err != nil {
@@ -127,6 +132,7 @@ func (d *Destination) Run(ctx context.Context, ln net.Listener) (*vmm.VM, *DestR
 		}
 		nc.Close()
 		d.end(err)
+		d.closeListener()
 		return nil, d.rep, err
 	}
 	d.mu.Lock()
@@ -135,16 +141,32 @@ func (d *Destination) Run(ctx context.Context, ln net.Listener) (*vmm.VM, *DestR
 	if pc == nil {
 		go func() { <-vm.Done(); nc.Close() }()
 		d.end(nil)
+		d.closeListener()
 		return vm, d.rep, nil
 	}
 	go func() {
-		err := pc.run(&link{nc: nc, conn: conn})
+		err := pc.run(first.l)
+		d.mu.Lock()
 		d.rep.Postcopy = pc.report()
 		d.rep.BytesRecv = pc.bytesReceived()
 		d.rep.TotalTime = time.Since(start)
+		d.mu.Unlock()
 		d.end(err)
+		if err == nil {
+			// A source that missed the end re-attaches to hear it.
+			pc.linger(pc.opts.RecoveryTimeout)
+		}
+		d.closeListener()
 	}()
 	return vm, d.rep, nil
+}
+
+// Report is the destination's report; complete once Wait returned.
+func (d *Destination) Report() *DestReport {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	r := *d.rep
+	return &r
 }
 
 // Wait blocks until the migration has ended, post-copy included, and
@@ -163,15 +185,19 @@ func (d *Destination) end(err error) {
 	default:
 	}
 	d.endErr = err
-	d.ln.Close()
-	d.reqLink.close()
 	close(d.done)
+}
+
+func (d *Destination) closeListener() {
+	d.ln.Close()
+	d.mu.Lock()
+	d.reqLink.close()
+	d.mu.Unlock()
 }
 
 // opened is the main connection and its Hello.
 type opened struct {
-	nc    net.Conn
-	conn  *wire.Conn
+	l     *link
 	hello *wire.Hello
 }
 
@@ -189,7 +215,8 @@ func (d *Destination) accept(mainCh chan<- opened) {
 
 func (d *Destination) classify(nc net.Conn, mainCh chan<- opened) {
 	nc.SetReadDeadline(time.Now().Add(30 * time.Second))
-	conn := wire.NewConn(nc)
+	l := newLink(nc)
+	conn := l.conn
 	m, err := conn.ReadMsg()
 	if err != nil {
 		d.Log.Warn("connection without a first message", "remote", nc.RemoteAddr(), "err", err)
@@ -204,12 +231,12 @@ func (d *Destination) classify(nc net.Conn, mainCh chan<- opened) {
 		d.mainTaken = true
 		d.mu.Unlock()
 		if !taken {
-			mainCh <- opened{nc, conn, a}
+			mainCh <- opened{l, a}
 			return
 		}
 		conn.WriteMsg(&wire.Error{Code: wire.ErrorProtocol, Message: "a migration is already running on this address"})
 	case *wire.Attach:
-		d.attach(&link{nc: nc, conn: conn}, a)
+		d.attach(l, a)
 		return
 	default:
 		conn.WriteMsg(&wire.Error{Code: wire.ErrorProtocol, Message: fmt.Sprintf("a connection must open with hello or attach, not %s", m.Type())})

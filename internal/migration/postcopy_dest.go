@@ -27,21 +27,34 @@ func (d *Destination) startPostcopy(vm *vmm.VM, m *wire.Postcopy) error {
 	if d.postcopy {
 		return errors.New("source switched to post-copy twice")
 	}
-	mem := vm.Memory()
-	pages := pageIndex{regions: mem.Regions()}
+	pages := pageIndex{regions: vm.Memory().Regions()}
 	need, err := pages.bitmapOf(m.Need, vm.DirtyBitmapWords())
 	if err != nil {
 		return fmt.Errorf("source's post-copy page list: %w", err)
 	}
-	for _, r := range m.Need {
+	if err := dropPages(vm.Memory(), pages, m.Need); err != nil {
+		return err
+	}
+	d.postcopy, d.need, d.needRanges = true, need, m.Need
+	return nil
+}
+
+// dropPages punches the ranges out of guest RAM.
+func dropPages(mem *guestmem.Memory, pages pageIndex, rs []wire.PageRange) error {
+	for _, r := range rs {
 		start, _ := pages.index(r.StartPFN)
 		if err := mem.PunchHole(start*guestmem.PageSize, r.Count*guestmem.PageSize); err != nil {
 			return err
 		}
 	}
-	d.postcopy, d.need = true, need
 	return nil
 }
+
+// guestFatal marks an error after which the guest must not run on: its
+// memory is wrong or cannot be completed.
+type guestFatal struct{ error }
+
+func (e guestFatal) Unwrap() error { return e.error }
 
 // pcDest is the destination's post-copy state.
 type pcDest struct {
@@ -55,6 +68,7 @@ type pcDest struct {
 
 	mu         sync.Mutex
 	need       []uint64               // pages still to come
+	placing    []uint64               // pages being placed (or placed)
 	left       uint64                 // bits set in need
 	waiting    map[uint64][]time.Time // requested pages → when each fault on them arrived
 	req        *link                  // the request channel, nil while the link is down
@@ -67,6 +81,7 @@ type pcDest struct {
 	needed     uint64 // pages needed at the switch
 	bytesPrev  uint64 // bytes received on links closed before
 	faultsDone chan struct{}
+	final      *wire.PostcopyDone // what was sent at the end (re-sent to a source that re-attaches)
 }
 
 type attachment struct {
@@ -86,12 +101,20 @@ func newPCDest(d *Destination, vm *vmm.VM) (*pcDest, error) {
 		d: d, vm: vm, fd: fd, base: uintptr(unsafe.Pointer(&mem[0])), size: uint64(len(mem)),
 		pages: pageIndex{regions: vm.Memory().Regions()},
 		opts:  Options{LinkTimeout: d.LinkTimeout, RecoveryTimeout: d.RecoveryTimeout}.withDefaults(),
-		need:  d.need, left: countSet(d.need), needed: countSet(d.need), waiting: map[uint64][]time.Time{},
-		linkCh: make(chan attachment, 4), resident: make(chan struct{}), faultsDone: make(chan struct{}),
+		need:  d.need, placing: make([]uint64, len(d.need)), left: countSet(d.need), needed: countSet(d.need),
+		waiting: map[uint64][]time.Time{},
+		linkCh:  make(chan attachment, 4), resident: make(chan struct{}), faultsDone: make(chan struct{}),
 	}
 	if err := fd.Register(p.base, p.size); err != nil {
 		fd.Close()
 		return nil, fmt.Errorf("registering guest RAM with userfaultfd: %w", err)
+	}
+	// Restoring the machine may have touched needed pages (KVM writes
+	// the kvmclock page when its MSR is set): drop them again, now that
+	// a touch faults, so that none holds anything but the source's data.
+	if err := dropPages(vm.Memory(), p.pages, d.needRanges); err != nil {
+		fd.Close()
+		return nil, err
 	}
 	if p.left == 0 {
 		close(p.resident)
@@ -117,6 +140,9 @@ func (p *pcDest) resumed(t time.Time) {
 func (p *pcDest) close() {
 	p.fd.Close()
 	<-p.faultsDone
+	p.mu.Lock()
+	p.req.close()
+	p.mu.Unlock()
 }
 
 // handleFaults reads the guest's faults: a page still at the source is
@@ -129,8 +155,7 @@ func (p *pcDest) handleFaults() {
 		faults, err := p.fd.ReadFaults(buf[:0])
 		if err != nil {
 			if !errors.Is(err, uffd.ErrClosed) {
-				p.d.Log.Error("reading guest page faults", "err", err)
-				p.vm.Fail(fmt.Errorf("post-copy: reading guest page faults: %w", err))
+				p.vm.Fail(fmt.Errorf("post-copy: reading the guest's page faults: %w; the guest was stopped", err))
 			}
 			return
 		}
@@ -153,10 +178,13 @@ func (p *pcDest) handleFaults() {
 			}
 			// Not from the source: a zero page, or one placed while the
 			// fault was on its way (then only the wake is needed).
-			if err := p.fd.ZeroPage(f.Addr, guestmem.PageSize, true); err == nil {
+			err := p.fd.ZeroPage(f.Addr, guestmem.PageSize, true)
+			switch {
+			case err == nil:
 				p.stats.ZeroFaults++
-			} else if !errors.Is(err, uffd.ErrExists) {
-				p.d.Log.Error("placing a zero page", "gpa", p.pages.gpa(idx), "err", err)
+			case errors.Is(err, uffd.ErrExists):
+			default:
+				p.vm.Fail(fmt.Errorf("post-copy: placing a zero page at %#x: %w; the guest was stopped", p.pages.gpa(idx), err))
 			}
 		}
 		req := p.req
@@ -188,14 +216,19 @@ func (p *pcDest) place(m *wire.Pages) error {
 		if !ok {
 			return fmt.Errorf("page %#x is not guest RAM", gpa)
 		}
+		// A page comes twice when it was pushed and requested at once:
+		// the first placement wins, the second is skipped.
 		p.mu.Lock()
-		needed := hasBit(p.need, idx)
-		p.mu.Unlock()
-		if !needed {
-			return nil // a pushed page that was also requested, or the reverse
+		first := hasBit(p.need, idx) && !hasBit(p.placing, idx)
+		if first {
+			setBit(p.placing, idx)
 		}
-		// Place first, then clear the bit: a fault seen in between asks
-		// again (harmless) instead of getting a zero page.
+		p.mu.Unlock()
+		if !first {
+			return nil
+		}
+		// Place first, then clear the need bit: a fault seen in between
+		// asks again (harmless) instead of getting a zero page.
 		addr := p.base + uintptr(idx*guestmem.PageSize)
 		var err error
 		if isZeroPage(data) {
@@ -203,15 +236,17 @@ func (p *pcDest) place(m *wire.Pages) error {
 		} else {
 			err = p.fd.Copy(addr, data, true)
 		}
-		if err != nil && !errors.Is(err, uffd.ErrExists) {
-			return fmt.Errorf("placing page %#x: %w", gpa, err)
+		if errors.Is(err, uffd.ErrExists) {
+			// Something wrote the page before its data arrived: the guest
+			// may have seen the wrong contents. Never run on that.
+			return guestFatal{fmt.Errorf("page %#x was already present when its data arrived from the source", gpa)}
+		}
+		if err != nil {
+			return guestFatal{fmt.Errorf("placing page %#x: %w", gpa, err)}
 		}
 		now := time.Now()
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		if !hasBit(p.need, idx) {
-			return nil
-		}
 		clearBit(p.need, idx)
 		p.left--
 		if m.Phase == wire.PhasePostCopyDemand {
@@ -229,16 +264,27 @@ func (p *pcDest) place(m *wire.Pages) error {
 		}
 		return nil
 	})
+	var gf guestFatal
+	if err != nil && !errors.As(err, &gf) {
+		err = guestFatal{fmt.Errorf("bad pages from the source: %w", err)}
+	}
 	return err
 }
 
-// attach takes a channel the source opened (called with d.mu held).
+// attach takes a channel the source opened (called with d.mu held). A
+// newer attempt replaces a stale one still queued.
 func (p *pcDest) attach(l *link, a *wire.Attach) {
-	select {
-	case p.linkCh <- attachment{l, a}:
-	default:
-		l.conn.WriteMsg(&wire.Error{Code: wire.ErrorProtocol, Message: "too many channels at once"})
-		l.close()
+	for {
+		select {
+		case p.linkCh <- attachment{l, a}:
+			return
+		default:
+		}
+		select {
+		case old := <-p.linkCh:
+			old.l.close()
+		default:
+		}
 	}
 }
 
@@ -253,10 +299,10 @@ func (p *pcDest) run(main *link) error {
 		if req != nil {
 			end, err := p.serve(main, req)
 			if end != 0 {
-				return nil
+				return p.ended(end)
 			}
-			var pe peerErr
-			if errors.As(err, &pe) {
+			var gf guestFatal
+			if errors.As(err, &gf) {
 				err = fmt.Errorf("post-copy cannot complete: %w; the guest was stopped (it cannot run without its memory)", err)
 				p.vm.Fail(err)
 				return err
@@ -276,9 +322,24 @@ func (p *pcDest) run(main *link) error {
 		if end != 0 {
 			p.sendDone(main, end)
 			main.close()
-			return nil
+			return p.ended(end)
 		}
 	}
+}
+
+// ended releases userfaultfd once every page is here and says whether
+// the guest's end was a failure.
+func (p *pcDest) ended(end wire.PostcopyEnd) error {
+	if end == wire.EndResident {
+		if err := p.fd.Unregister(p.base, p.size); err != nil {
+			p.d.Log.Warn("unregistering guest RAM from userfaultfd", "err", err)
+		}
+		return nil
+	}
+	if _, err := p.vm.Outcome(); err != nil {
+		return fmt.Errorf("the guest failed during post-copy: %w", err)
+	}
+	return nil
 }
 
 // awaitLink waits for the source to re-open both channels.
@@ -291,14 +352,14 @@ func (p *pcDest) awaitLink(down time.Time) (main, req *link, end wire.PostcopyEn
 	for main == nil || req == nil {
 		select {
 		case at := <-p.linkCh:
-			var reply wire.Attached
-			reply.Channel, reply.PostcopyStarted = at.a.Channel, true
-			p.mu.Lock()
+			reply := wire.Attached{Channel: at.a.Channel, PostcopyStarted: true}
 			if at.a.Channel == wire.ChannelMain {
+				p.mu.Lock()
 				reply.Missing = p.pages.rangesOf(p.need)
+				p.mu.Unlock()
 			}
-			p.mu.Unlock()
 			if err := at.l.conn.WriteMsg(&reply); err != nil {
+				p.d.Log.Warn("answering the source's attach", "channel", at.a.Channel, "err", err)
 				at.l.close()
 				continue
 			}
@@ -315,7 +376,7 @@ func (p *pcDest) awaitLink(down time.Time) (main, req *link, end wire.PostcopyEn
 			p.mu.Lock()
 			left := p.left
 			p.mu.Unlock()
-			return nil, nil, 0, fmt.Errorf("post-copy cannot complete: no link to the source for %s (recovery timeout) with %d pages still there; the guest was stopped (it cannot run without them)",
+			return nil, nil, 0, fmt.Errorf("post-copy cannot complete: no link to the source for %s (recovery timeout) with %d pages still missing; the guest was stopped (it cannot run without them)",
 				p.opts.RecoveryTimeout.Round(time.Millisecond), left)
 		case <-p.resident:
 			// Every page arrived before the link broke.
@@ -341,49 +402,54 @@ func (p *pcDest) awaitLink(down time.Time) (main, req *link, end wire.PostcopyEn
 	return main, req, 0, nil
 }
 
-// serve runs one link: pages pushed on main, answers and pings on the
-// request channel. It returns how post-copy ended, or the link's error.
+// serve runs one link: pages pushed on main, answers on the request
+// channel, pings on both. It returns how post-copy ended, or the link's
+// error.
 func (p *pcDest) serve(main, req *link) (wire.PostcopyEnd, error) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	defer cancel(nil)
 	fail := func(err error) {
+		var gf guestFatal
+		if errors.As(err, &gf) {
+			// Tell the source at once: it stops serving instead of
+			// re-opening the link until its recovery timeout.
+			main.nc.SetWriteDeadline(time.Now().Add(time.Second))
+			main.conn.WriteMsg(&wire.Error{Code: wire.ErrorState, Message: "post-copy cannot complete: " + err.Error()})
+		}
 		cancel(err)
 		main.close()
 		req.close()
 	}
+	main.watch(p.opts.LinkTimeout)
+	req.watch(p.opts.LinkTimeout)
 	var wg sync.WaitGroup
 	wg.Add(3)
-	go func() { defer wg.Done(); p.readLink(ctx, main, false, fail) }()
-	go func() { defer wg.Done(); p.readLink(ctx, req, true, fail) }()
-	go func() {
-		defer wg.Done()
-		t := time.NewTicker(p.opts.LinkTimeout / 5)
-		defer t.Stop()
-		for n := uint64(1); ; n++ {
-			select {
-			case <-ctx.Done():
-				return
-			case now := <-t.C:
-				if err := req.conn.WriteMsg(&wire.Ping{Nonce: n, UnixNano: now.UnixNano()}); err != nil {
-					fail(fmt.Errorf("request channel: %w", err))
-					return
-				}
-			}
-		}
-	}()
+	go func() { defer wg.Done(); p.readLink(ctx, main, "main connection", fail) }()
+	go func() { defer wg.Done(); p.readLink(ctx, req, "request channel", fail) }()
+	go func() { defer wg.Done(); pingLinks(ctx, p.opts.LinkTimeout/5, fail, main, req) }()
 	var end wire.PostcopyEnd
 	select {
 	case <-p.resident:
-		end = wire.EndResident
 	case <-p.vm.Done():
-		end = wire.EndGuestEnded
 	case <-ctx.Done():
+	}
+	// The end wins over a link error that came at the same time.
+	select {
+	case <-p.resident:
+		end = wire.EndResident
+	default:
+		select {
+		case <-p.vm.Done():
+			end = wire.EndGuestEnded
+		default:
+		}
 	}
 	err := context.Cause(ctx)
 	if end != 0 {
 		// PostcopyDone goes on main; the source closes both channels
 		// once it has read it. Until then the readers keep reading (a
-		// read cut short mid-frame would lose the stream's place).
+		// read cut short mid-frame would lose the stream's place); pages
+		// still arriving are duplicates and are skipped.
 		cancel(nil)
 		p.sendDone(main, end)
 		t := time.AfterFunc(p.opts.LinkTimeout, func() { main.close(); req.close() })
@@ -399,16 +465,28 @@ func (p *pcDest) serve(main, req *link) (wire.PostcopyEnd, error) {
 	return end, err
 }
 
-// readLink reads one channel until it fails or ctx ends.
-func (p *pcDest) readLink(ctx context.Context, l *link, isReq bool, fail func(error)) {
-	name := "main connection"
-	if isReq {
-		name = "request channel"
-	}
-	for {
-		if isReq && ctx.Err() == nil {
-			l.nc.SetReadDeadline(time.Now().Add(p.opts.LinkTimeout))
+// pingLinks keeps both ends' liveness checks fed.
+func pingLinks(ctx context.Context, every time.Duration, fail func(error), links ...*link) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for n := uint64(1); ; n++ {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			for _, l := range links {
+				if err := l.conn.WriteMsg(&wire.Ping{Nonce: n, UnixNano: now.UnixNano()}); err != nil {
+					fail(fmt.Errorf("sending a ping: %w", err))
+					return
+				}
+			}
 		}
+	}
+}
+
+// readLink reads one channel until it fails or, after the end, closes.
+func (p *pcDest) readLink(ctx context.Context, l *link, name string, fail func(error)) {
+	for {
 		m, err := l.conn.ReadMsg()
 		if err != nil && ctx.Err() != nil {
 			return // post-copy ended: the source closed, or the link broke meanwhile
@@ -416,7 +494,7 @@ func (p *pcDest) readLink(ctx context.Context, l *link, isReq bool, fail func(er
 		if err != nil {
 			var fe *wire.FrameError
 			if errors.As(err, &fe) && !fe.Truncated && fe.Err == nil {
-				fail(peerErr{fmt.Errorf("corrupt data from the source on the %s: %w", name, err)})
+				fail(guestFatal{fmt.Errorf("corrupt data from the source on the %s: %w", name, err)})
 				return
 			}
 			fail(linkError(name, err, p.opts.LinkTimeout))
@@ -425,17 +503,15 @@ func (p *pcDest) readLink(ctx context.Context, l *link, isReq bool, fail func(er
 		switch m := m.(type) {
 		case *wire.Pages:
 			if err := p.place(m); err != nil {
-				fail(peerErr{fmt.Errorf("bad pages from the source: %w", err)})
+				fail(err)
 				return
 			}
-		case *wire.Ping:
-			l.conn.WriteMsg(m.Reply(time.Now()))
-		case *wire.Pong:
+		case *wire.Ping, *wire.Pong:
 		case *wire.Error:
-			fail(peerErr{fmt.Errorf("source failed (%s): %s", m.Code, m.Message)})
+			fail(guestFatal{fmt.Errorf("source failed (%s): %s", m.Code, m.Message)})
 			return
 		case *wire.Cancel:
-			fail(peerErr{fmt.Errorf("source abandoned post-copy: %s", m.Reason)})
+			fail(guestFatal{fmt.Errorf("source abandoned post-copy: %s", m.Reason)})
 			return
 		}
 	}
@@ -444,21 +520,57 @@ func (p *pcDest) readLink(ctx context.Context, l *link, isReq bool, fail func(er
 // sendDone tells the source that post-copy ended: it may release the
 // guest's memory.
 func (p *pcDest) sendDone(main *link, end wire.PostcopyEnd) {
-	if end == wire.EndResident {
-		// Every page is here: the guest no longer needs the handler.
-		if err := p.fd.Unregister(p.base, p.size); err != nil {
-			p.d.Log.Warn("unregistering guest RAM from userfaultfd", "err", err)
-		}
-	}
 	done := p.snapshot(end)
+	p.mu.Lock()
+	p.final = done
+	p.mu.Unlock()
 	p.d.Log.Info("post-copy done", "end", end, "pushed", done.PagesPushed, "demand", done.PagesDemand,
 		"faults", done.Faults, "zero_faults", done.ZeroFaults, "never_needed", done.PagesMissing, "residency", done.Residency)
 	if main == nil {
-		p.d.Log.Warn("post-copy ended while the link was down: the source learns it when it gives up")
-		return
+		return // a source that re-attaches gets it (linger)
 	}
 	if err := main.conn.WriteMsg(done); err != nil {
-		p.d.Log.Warn("the source did not get the end of post-copy", "err", err)
+		p.d.Log.Warn("the source did not get the end of post-copy; it gets it if it re-attaches", "err", err)
+	}
+}
+
+// linger answers a source that re-attaches after post-copy ended (it
+// missed PostcopyDone, or the link broke just then): no page missing, and
+// PostcopyDone again. It returns when the source has it or after d.
+func (p *pcDest) linger(d time.Duration) {
+	p.mu.Lock()
+	done := p.final
+	p.mu.Unlock()
+	if done == nil {
+		return
+	}
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	var open []*link
+	defer func() {
+		for _, l := range open {
+			l.close()
+		}
+	}()
+	for {
+		select {
+		case at := <-p.linkCh:
+			open = append(open, at.l)
+			if at.l.conn.WriteMsg(&wire.Attached{Channel: at.a.Channel, PostcopyStarted: true}) != nil || at.a.Channel != wire.ChannelMain {
+				continue
+			}
+			if at.l.conn.WriteMsg(done) == nil {
+				// Wait for the source to close: then it has read it.
+				at.l.nc.SetReadDeadline(time.Now().Add(p.opts.LinkTimeout))
+				for {
+					if _, err := at.l.conn.ReadMsg(); err != nil {
+						return
+					}
+				}
+			}
+		case <-timer.C:
+			return
+		}
 	}
 }
 
@@ -488,12 +600,10 @@ func (p *pcDest) report() *PostcopyReport {
 	end := "resident"
 	if p.left > 0 {
 		end = "incomplete"
-		if p.vm != nil {
-			select {
-			case <-p.vm.Done():
-				end = "guest-ended"
-			default:
-			}
+		select {
+		case <-p.vm.Done():
+			end = "guest-ended"
+		default:
 		}
 	}
 	p.mu.Unlock()

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"os"
 	"sync"
 	"time"
 
@@ -23,18 +21,6 @@ import (
 // likely to be touched next.
 const prepageWindow = 128
 
-// link is a connection opened with Attach.
-type link struct {
-	nc   net.Conn
-	conn *wire.Conn
-}
-
-func (l *link) close() {
-	if l != nil {
-		l.nc.Close()
-	}
-}
-
 // attach opens a further connection of this migration.
 func (x *sender) attach(ch wire.Channel, attempt uint32) (*link, *wire.Attached, error) {
 	ctx, cancel := context.WithTimeout(x.ctx, x.Opts.LinkTimeout)
@@ -43,8 +29,11 @@ func (x *sender) attach(ch wire.Channel, attempt uint32) (*link, *wire.Attached,
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening the %s channel: %w", ch, err)
 	}
-	l := &link{nc: nc, conn: wire.NewConn(nc)}
-	nc.SetDeadline(time.Now().Add(x.Opts.LinkTimeout))
+	l := newLink(nc)
+	// The answer may be long (the missing pages): a link timeout of
+	// silence, not for the whole exchange.
+	l.watch(x.Opts.LinkTimeout)
+	nc.SetWriteDeadline(time.Now().Add(x.Opts.LinkTimeout))
 	if err := l.conn.WriteMsg(&wire.Attach{MigrationID: x.id, Channel: ch, Attempt: attempt}); err != nil {
 		l.close()
 		return nil, nil, fmt.Errorf("opening the %s channel: %w", ch, err)
@@ -54,7 +43,8 @@ func (x *sender) attach(ch wire.Channel, attempt uint32) (*link, *wire.Attached,
 		l.close()
 		return nil, nil, fmt.Errorf("opening the %s channel: %w", ch, err)
 	}
-	nc.SetDeadline(time.Time{})
+	nc.SetWriteDeadline(time.Time{})
+	l.watch(0)
 	switch r := m.(type) {
 	case *wire.Attached:
 		return l, r, nil
@@ -64,15 +54,6 @@ func (x *sender) attach(ch wire.Channel, attempt uint32) (*link, *wire.Attached,
 	}
 	l.close()
 	return nil, nil, fmt.Errorf("destination answered attach with %T", m)
-}
-
-// linkError names a channel's failure; a read deadline that passed means
-// the peer's pings stopped arriving.
-func linkError(channel string, err error, timeout time.Duration) error {
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return fmt.Errorf("%s: nothing received for %s (link timeout): %w", channel, timeout, err)
-	}
-	return fmt.Errorf("%s: %w", channel, err)
 }
 
 // peerGaveUp marks an error the destination sent: retrying cannot help.
@@ -145,8 +126,15 @@ func (x *sender) switchToPostcopy(need []uint64) error {
 		need[i] |= dirty[i]
 	}
 	x.rep.Postcopy = &PostcopyReport{PagesNeeded: countSet(need)}
+	x.mu.Lock()
+	x.switching = true // from here a cancel could leave the guest without its memory
+	x.mu.Unlock()
+	msg := &wire.Postcopy{Need: x.pages.rangesOf(need)}
+	if _, err := wire.Encode(msg); err != nil {
+		return fmt.Errorf("switching to post-copy: %w", err)
+	}
 	b0 := x.conn.BytesSent()
-	if err := x.conn.WriteMsg(&wire.Postcopy{Need: x.pages.rangesOf(need)}); err != nil {
+	if err := x.conn.WriteMsg(msg); err != nil {
 		return fmt.Errorf("connection to the destination lost while switching to post-copy: %w", err)
 	}
 	if err := x.sendMachine(); err != nil {
@@ -155,18 +143,20 @@ func (x *sender) switchToPostcopy(need []uint64) error {
 	x.rep.BytesState += x.conn.BytesSent() - b0
 	linkUp := true
 	if err := x.awaitResumed(); err != nil {
-		if x.Resolve == nil {
-			return err
-		}
 		// The destination may have resumed the guest and lost only the
 		// confirmation: then it needs the pages whatever happened here.
-		running, rerr := x.Resolve(context.WithoutCancel(x.ctx), x.rep.ID)
-		if rerr != nil || !running {
-			return err
+		// Its daemon can tell; without one, re-attaching tells (the
+		// destination answers whether post-copy started).
+		if x.Resolve != nil {
+			running, rerr := x.Resolve(context.WithoutCancel(x.ctx), x.rep.ID)
+			if rerr != nil || !running {
+				return err
+			}
+			x.resumedAt = true
 		}
-		x.Log.Warn("confirmation lost, but the destination runs the guest: post-copy goes on", "err", err)
-		x.resumedAt, linkUp = true, false
+		x.Log.Warn("no confirmation from the destination; re-attaching to serve its post-copy", "err", err)
 		x.rep.Downtime = time.Since(x.pausedAt)
+		linkUp = false
 	}
 	return x.postcopyPhase(need, linkUp)
 }
@@ -221,6 +211,7 @@ func (x *sender) postcopyPhase(need []uint64, linkUp bool) error {
 		if err != nil {
 			return err
 		}
+		x.resumedAt = true // the destination said post-copy started
 		x.rep.Postcopy.LinkDownFor += time.Since(down)
 		if err := p.reset(missing); err != nil {
 			return err
@@ -260,7 +251,7 @@ func (p *pcSource) reconnect(down time.Time) ([]wire.PageRange, error) {
 	x.report(PhasePostCopy)
 	for attempt := uint32(1); ; attempt++ {
 		if time.Since(down) > x.Opts.RecoveryTimeout {
-			return nil, fmt.Errorf("post-copy link to the destination broken for %s (recovery timeout): giving up; the destination stops the guest, which cannot run without the memory held here", x.Opts.RecoveryTimeout)
+			return nil, fmt.Errorf("post-copy link to the destination down for %s (recovery timeout): giving up; the destination's state is unknown (if its guest still needed pages held here, it stops the guest)", x.Opts.RecoveryTimeout)
 		}
 		main, att, err := x.attach(wire.ChannelMain, attempt)
 		if err == nil {
@@ -307,17 +298,20 @@ func (p *pcSource) runLink() (*wire.PostcopyDone, error) {
 		cancel(err)
 		x.closeLinks() // unblocks the others' reads and writes
 	}
+	main := &link{nc: x.net, conn: x.conn}
+	main.watch(x.Opts.LinkTimeout)
+	x.req.watch(x.Opts.LinkTimeout)
 	var wg sync.WaitGroup
 	wg.Add(3)
 	go func() { defer wg.Done(); p.serveRequests(ctx, fail) }()
-	go func() { defer wg.Done(); p.ping(ctx, fail) }()
+	go func() { defer wg.Done(); pingLinks(ctx, x.Opts.LinkTimeout/5, fail, main, x.req) }()
 	go func() { defer wg.Done(); p.pushPages(ctx, fail) }()
 	defer wg.Wait()
 	for {
 		select {
 		case in := <-x.inbox:
 			if in.err != nil {
-				fail(fmt.Errorf("main connection: %w", in.err))
+				fail(linkError("main connection", in.err, x.Opts.LinkTimeout))
 				continue
 			}
 			switch m := in.msg.(type) {
@@ -342,7 +336,6 @@ func (p *pcSource) runLink() (*wire.PostcopyDone, error) {
 func (p *pcSource) serveRequests(ctx context.Context, fail func(error)) {
 	x, l := p.x, p.x.req
 	for ctx.Err() == nil {
-		l.nc.SetReadDeadline(time.Now().Add(x.Opts.LinkTimeout))
 		m, err := l.conn.ReadMsg()
 		if err != nil {
 			fail(linkError("request channel", err, x.Opts.LinkTimeout))
@@ -408,23 +401,6 @@ func (p *pcSource) answer(l *link, gpas []uint64) error {
 		pfns, data = pfns[n:], data[n:]
 	}
 	return nil
-}
-
-// ping keeps the request channel's liveness check fed on both ends.
-func (p *pcSource) ping(ctx context.Context, fail func(error)) {
-	t := time.NewTicker(p.x.Opts.LinkTimeout / 5)
-	defer t.Stop()
-	for n := uint64(1); ; n++ {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			if err := p.x.req.conn.WriteMsg(&wire.Ping{Nonce: n, UnixNano: now.UnixNano()}); err != nil {
-				fail(fmt.Errorf("request channel: %w", err))
-				return
-			}
-		}
-	}
 }
 
 // pushPages sends the needed pages in the background on the main

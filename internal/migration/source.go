@@ -45,6 +45,7 @@ type Source struct {
 	mu           sync.Mutex
 	cancel       context.CancelCauseFunc
 	postcopy     *pcSource // set once the guest runs at the destination
+	switching    bool      // Postcopy sent: the destination may run the guest
 }
 
 // SetBandwidth changes the bandwidth cap of a running migration.
@@ -66,7 +67,7 @@ var ErrCancelled = errors.New("migration cancelled by the operator")
 func (s *Source) Cancel() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.postcopy != nil {
+	if s.switching {
 		return errors.New("the migration is in post-copy: the guest runs at the destination and cannot come back; it completes when the destination holds every page")
 	}
 	if s.cancel != nil {
@@ -81,7 +82,7 @@ type sender struct {
 	ctx   context.Context
 	dial  Dialer
 	conn  *wire.Conn // the main connection
-	net   net.Conn   // under conn
+	net   *liveConn  // under conn
 	req   *link      // the post-copy request channel (nil unless it may be needed)
 	mem   *guestmem.Memory
 	pages pageIndex
@@ -186,7 +187,8 @@ func (x *sender) handshake() error {
 	if err != nil {
 		return fmt.Errorf("connecting to the destination: %w", err)
 	}
-	x.net, x.conn = c, wire.NewConn(c)
+	l := newLink(c)
+	x.net, x.conn = l.nc, l.conn
 	cpuid, header, err := x.VM.GuestCPUID()
 	if err != nil {
 		return fmt.Errorf("reading the guest's CPU model: %w", err)
@@ -355,7 +357,12 @@ func (x *sender) precopy() error {
 			return fmt.Errorf("connection to the destination lost: %w", err)
 		}
 		remaining := float64(n) * guestmem.PageSize
+		// A short pass measures how fast the socket buffers fill, not
+		// the link: never count on more than the cap.
 		bw := it.Throughput
+		if lim := float64(x.limiter.Rate()); lim > 0 && bw > lim {
+			bw = lim
+		}
 		x.progress.RemainingBytes = uint64(remaining)
 		x.progress.DirtyRate = it.DirtyRate
 		// A pass that did not shrink what is left by a tenth made no

@@ -365,6 +365,20 @@ func (v *VM) Run(ctx context.Context) (Exit, error) {
 	return v.Wait()
 }
 
+// Outcome says how the VM ended, once Done is closed, without waiting for
+// its vCPU threads to finish (Wait does).
+func (v *VM) Outcome() (Exit, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.err != nil {
+		return Exit{}, v.err
+	}
+	if v.exit == nil {
+		return Exit{}, errors.New("the VM is still running")
+	}
+	return *v.exit, nil
+}
+
 // Done is closed when the VM has ended (guest exit, error or Stop).
 func (v *VM) Done() <-chan struct{} { return v.done }
 

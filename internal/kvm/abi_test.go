@@ -1,19 +1,13 @@
 package kvm
 
 import (
-	"bufio"
-	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 	"unsafe"
+
+	"github.com/ferry-vmm/ferry/internal/cabi"
 )
 
-// abiFact is one number that must agree between Go and the kernel headers:
-// a struct size, a field offset or an ioctl request code.
+// abiFact is one number that must agree between Go and the kernel headers.
 type abiFact struct {
 	cExpr string
 	goVal uintptr
@@ -120,41 +114,13 @@ func abiFacts() []abiFact {
 // that prints every size, offset and constant listed in abiFacts, and
 // compares with the Go definitions.
 func TestABIMatchesKernelHeaders(t *testing.T) {
-	if _, err := os.Stat("/usr/include/linux/kvm.h"); err != nil {
-		t.Skip("kernel headers not installed (/usr/include/linux/kvm.h); .ci/run installs linux-libc-dev")
+	cabi.Check(t, []string{"linux/kvm.h"}, checks(abiFacts()))
+}
+
+func checks(facts []abiFact) []cabi.Fact {
+	out := make([]cabi.Fact, len(facts))
+	for i, f := range facts {
+		out[i] = cabi.Fact{C: f.cExpr, Go: f.goVal}
 	}
-	gcc, err := exec.LookPath("gcc")
-	if err != nil {
-		t.Skip("gcc not installed")
-	}
-	facts := abiFacts()
-	var src strings.Builder
-	src.WriteString("#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\nint main(void){\n")
-	for _, f := range facts {
-		fmt.Fprintf(&src, "printf(\"%%llu\\n\", (unsigned long long)(%s));\n", f.cExpr)
-	}
-	src.WriteString("return 0;}\n")
-	dir := t.TempDir()
-	cfile := filepath.Join(dir, "abi.c")
-	bin := filepath.Join(dir, "abi")
-	if err := os.WriteFile(cfile, []byte(src.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(gcc, "-o", bin, cfile).CombinedOutput(); err != nil {
-		t.Fatalf("compiling ABI probe: %v\n%s", err, out)
-	}
-	out, err := exec.Command(bin).Output()
-	if err != nil {
-		t.Fatalf("running ABI probe: %v", err)
-	}
-	sc := bufio.NewScanner(strings.NewReader(string(out)))
-	for i := 0; sc.Scan(); i++ {
-		v, err := strconv.ParseUint(sc.Text(), 10, 64)
-		if err != nil || i >= len(facts) {
-			t.Fatalf("bad probe line %d: %q", i, sc.Text())
-		}
-		if uintptr(v) != facts[i].goVal {
-			t.Errorf("%s: kernel says %d (%#x), Go has %d (%#x)", facts[i].cExpr, v, v, facts[i].goVal, facts[i].goVal)
-		}
-	}
+	return out
 }

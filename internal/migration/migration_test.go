@@ -231,22 +231,28 @@ func TestMigrateVerifyGuest(t *testing.T) {
 				t.Fatalf("migration failed: source %v, destination %v", res.err, res.dstErr)
 			}
 			logReport(t, res.rep)
-			switchAt := time.Now().Add(-res.rep.Downtime)
-			res.dst.beats(t, 20)
-			res.dst.clean(t, "destination")
-			g.clean(t, "source before the switch")
-			// The source is released; the destination's machine equals what the source sent.
-			if diffs := state.Diff(res.srcLast, res.dstFirst, false); len(diffs) > 0 {
-				t.Fatalf("destination state differs from the source's: %v", diffs)
-			}
-			gap := guestlog.HeartbeatGap(append(g.con.Lines(), res.dst.con.Lines()...), switchAt)
-			t.Logf("guest-observed downtime (heartbeat gap): %s; VMM downtime %s", gap, res.rep.Downtime)
-			select {
-			case <-g.vm.Done():
-			case <-time.After(5 * time.Second):
-				t.Fatal("source VM still running after a completed migration")
-			}
+			checkMoved(t, g, res)
 		})
+	}
+}
+
+// checkMoved checks a completed migration of g: the guest runs on at the
+// destination and verifies clean, the destination's machine equals what
+// the source sent, and the source VM was released.
+func checkMoved(t *testing.T, g *guest, res migrateResult) {
+	t.Helper()
+	res.dst.beats(t, 20)
+	res.dst.clean(t, "destination")
+	g.clean(t, "source before the switch")
+	if diffs := state.Diff(res.srcLast, res.dstFirst, false); len(diffs) > 0 {
+		t.Fatalf("destination state differs from the source's: %v", diffs)
+	}
+	gap := guestlog.HeartbeatGap(append(g.con.Lines(), res.dst.con.Lines()...), time.Unix(0, res.rep.SwitchUnixNano))
+	t.Logf("guest-observed downtime (heartbeat gap): %s; VMM downtime %s", gap, res.rep.Downtime)
+	select {
+	case <-g.vm.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("source VM still running after a completed migration")
 	}
 }
 

@@ -1,21 +1,14 @@
 package uffd
 
 import (
-	"bufio"
-	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 	"unsafe"
 
+	"github.com/ferry-vmm/ferry/internal/cabi"
 	"golang.org/x/sys/unix"
 )
 
-// abiFact is one number that must agree between Go and the kernel headers:
-// a struct size, a field offset, a constant or an ioctl request code.
+// abiFact is one number that must agree between Go and the kernel headers.
 type abiFact struct {
 	cExpr string
 	goVal uintptr
@@ -84,45 +77,13 @@ func abiFacts() []abiFact {
 // <linux/userfaultfd.h> that prints every size, offset and constant listed
 // in abiFacts, and compares with the Go definitions.
 func TestABIMatchesKernelHeaders(t *testing.T) {
-	if _, err := os.Stat("/usr/include/linux/userfaultfd.h"); err != nil {
-		t.Skip("kernel headers not installed (/usr/include/linux/userfaultfd.h); .ci/run installs linux-libc-dev")
+	cabi.Check(t, []string{"linux/userfaultfd.h", "sys/syscall.h", "linux/ioctl.h"}, checks(abiFacts()))
+}
+
+func checks(facts []abiFact) []cabi.Fact {
+	out := make([]cabi.Fact, len(facts))
+	for i, f := range facts {
+		out[i] = cabi.Fact{C: f.cExpr, Go: f.goVal}
 	}
-	gcc, err := exec.LookPath("gcc")
-	if err != nil {
-		t.Skip("gcc not installed")
-	}
-	facts := abiFacts()
-	var src strings.Builder
-	src.WriteString("#include <stdio.h>\n#include <stddef.h>\n#include <sys/syscall.h>\n#include <linux/ioctl.h>\n#include <linux/userfaultfd.h>\nint main(void){\n")
-	for _, f := range facts {
-		fmt.Fprintf(&src, "printf(\"%%llu\\n\", (unsigned long long)(%s));\n", f.cExpr)
-	}
-	src.WriteString("return 0;}\n")
-	dir := t.TempDir()
-	cfile := filepath.Join(dir, "abi.c")
-	bin := filepath.Join(dir, "abi")
-	if err := os.WriteFile(cfile, []byte(src.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command(gcc, "-o", bin, cfile).CombinedOutput(); err != nil {
-		t.Fatalf("compiling ABI probe: %v\n%s", err, out)
-	}
-	out, err := exec.Command(bin).Output()
-	if err != nil {
-		t.Fatalf("running ABI probe: %v", err)
-	}
-	sc := bufio.NewScanner(strings.NewReader(string(out)))
-	n := 0
-	for ; sc.Scan(); n++ {
-		v, err := strconv.ParseUint(sc.Text(), 10, 64)
-		if err != nil || n >= len(facts) {
-			t.Fatalf("bad probe line %d: %q", n, sc.Text())
-		}
-		if uintptr(v) != facts[n].goVal {
-			t.Errorf("%s: kernel says %d (%#x), Go has %d (%#x)", facts[n].cExpr, v, v, facts[n].goVal, facts[n].goVal)
-		}
-	}
-	if n != len(facts) {
-		t.Fatalf("probe printed %d lines, want %d", n, len(facts))
-	}
+	return out
 }

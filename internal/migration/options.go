@@ -33,21 +33,26 @@ const (
 	// ModeHybrid runs a bounded pre-copy, then post-copy (or finishes as
 	// pre-copy if it converged within the bound).
 	ModeHybrid Mode = "hybrid"
+	// ModeAuto predicts every technique from a sample of the guest's
+	// writes and the link, picks one within the user's limits, and
+	// switches pre-copy to post-copy (or throttles the guest, when
+	// rollback is required) when it stalls. The default.
+	ModeAuto Mode = "auto"
 )
 
 // ParseMode checks a user-given mode.
 func ParseMode(s string) (Mode, error) {
 	switch Mode(s) {
-	case ModeStopCopy, ModePreCopy, ModePostCopy, ModeDemand, ModeHybrid:
+	case ModeStopCopy, ModePreCopy, ModePostCopy, ModeDemand, ModeHybrid, ModeAuto:
 		return Mode(s), nil
 	}
-	return "", fmt.Errorf("unknown migration mode %q (known: precopy, stopcopy, postcopy, demand, hybrid)", s)
+	return "", fmt.Errorf("unknown migration mode %q (known: auto, precopy, stopcopy, postcopy, demand, hybrid)", s)
 }
 
 // mayPostcopy says whether a migration can end in post-copy.
 func (o Options) mayPostcopy() bool {
 	return o.Mode == ModePostCopy || o.Mode == ModeDemand || o.Mode == ModeHybrid ||
-		(o.Mode == ModePreCopy && o.PostcopyOnStall)
+		(o.Mode == ModePreCopy && o.PostcopyOnStall) || (o.Mode == ModeAuto && !o.RequireRollback)
 }
 
 // Options tune a migration. Zero values take the defaults below.
@@ -82,6 +87,14 @@ type Options struct {
 	// RecoveryTimeout bounds how long the source keeps trying to re-open a
 	// broken post-copy link before it gives up.
 	RecoveryTimeout time.Duration
+	// MaxTotalTime bounds the whole migration for the automatic mode's
+	// choice (0: no bound). RequireRollback forbids post-copy: only
+	// pre-copy can fall back to the source.
+	MaxTotalTime    time.Duration
+	RequireRollback bool
+	// SampleTime is how long the automatic mode watches the guest's
+	// writes before it predicts (default DefaultSampleTime).
+	SampleTime time.Duration
 }
 
 // Defaults used where Options leaves a field zero.
@@ -97,11 +110,16 @@ const (
 	// long; past it the destination stops the guest (it cannot run without
 	// its memory) and the source gives up.
 	DefaultRecoveryTimeout = 2 * time.Minute
+	DefaultSampleTime      = time.Second
+	sampleTick             = 100 * time.Millisecond
 )
 
 func (o Options) withDefaults() Options {
 	if o.Mode == "" {
-		o.Mode = ModePreCopy
+		o.Mode = ModeAuto
+	}
+	if o.SampleTime <= 0 {
+		o.SampleTime = DefaultSampleTime
 	}
 	if o.DowntimeLimit <= 0 {
 		o.DowntimeLimit = DefaultDowntimeLimit
@@ -140,11 +158,14 @@ type Params struct {
 	PrecopyPasses   int           `json:"precopy_passes,omitempty"`
 	PostcopyOnStall bool          `json:"postcopy_on_stall,omitempty"`
 	RecoveryTimeout time.Duration `json:"recovery_timeout_ns,omitempty"`
+	MaxTotalTime    time.Duration `json:"max_total_time_ns,omitempty"`
+	RequireRollback bool          `json:"require_rollback,omitempty"`
+	DryRun          bool          `json:"dry_run,omitempty"` // predict only
 }
 
 // Options checks the parameters and turns them into Options.
 func (p Params) Options() (Options, error) {
-	mode := ModePreCopy
+	mode := ModeAuto
 	if p.Mode != "" {
 		var err error
 		if mode, err = ParseMode(p.Mode); err != nil {
@@ -157,11 +178,14 @@ func (p Params) Options() (Options, error) {
 	if p.PostcopyOnStall && mode != ModePreCopy {
 		return Options{}, fmt.Errorf("--postcopy-on-stall applies to pre-copy, not to mode %s", mode)
 	}
+	if p.RequireRollback && mode != ModeAuto && mode != ModePreCopy && mode != ModeStopCopy {
+		return Options{}, fmt.Errorf("--require-rollback forbids post-copy, which mode %s uses", mode)
+	}
 	if p.Bandwidth < 0 || p.DowntimeLimit < 0 || p.PrecopyTimeout < 0 || p.PrecopyTime < 0 || p.RecoveryTimeout < 0 {
 		return Options{}, errors.New("negative migration limit")
 	}
 	return Options{Mode: mode, DowntimeLimit: p.DowntimeLimit, MaxIterations: p.MaxIterations,
 		PrecopyTimeout: p.PrecopyTimeout, Bandwidth: p.Bandwidth, Compress: p.Compress,
 		PrecopyTime: p.PrecopyTime, PrecopyPasses: p.PrecopyPasses, PostcopyOnStall: p.PostcopyOnStall,
-		RecoveryTimeout: p.RecoveryTimeout}, nil
+		RecoveryTimeout: p.RecoveryTimeout, MaxTotalTime: p.MaxTotalTime, RequireRollback: p.RequireRollback}, nil
 }

@@ -101,6 +101,7 @@ func TestPostcopyBeatsForcedStopCopy(t *testing.T) {
 		{Mode: ModePreCopy, MaxIterations: 4, Bandwidth: link, DowntimeLimit: time.Millisecond},
 		{Mode: ModePostCopy, Bandwidth: link},
 		{Mode: ModeHybrid, PrecopyPasses: 2, Bandwidth: link, DowntimeLimit: time.Millisecond},
+		{Mode: ModeAuto, Bandwidth: link},
 	} {
 		t.Run(string(opts.Mode), func(t *testing.T) {
 			g := bootGuest(t, 256<<20, 2, "workload=dirty size=64M pattern=random")
@@ -116,10 +117,11 @@ func TestPostcopyBeatsForcedStopCopy(t *testing.T) {
 			downtime[opts.Mode] = res.rep.Downtime
 		})
 	}
-	t.Logf("switch-over downtime with the guest dirtying faster than a %d MiB/s link: pre-copy (forced stop-and-copy) %s, post-copy %s, hybrid %s",
-		link>>20, downtime[ModePreCopy], downtime[ModePostCopy], downtime[ModeHybrid])
-	if len(downtime) == 3 && (downtime[ModePostCopy] >= downtime[ModePreCopy] || downtime[ModeHybrid] >= downtime[ModePreCopy]) {
-		t.Fatal("post-copy or hybrid stopped the guest longer than pre-copy's forced stop-and-copy")
+	t.Logf("switch-over downtime with the guest dirtying faster than a %d MiB/s link: pre-copy (forced stop-and-copy) %s, post-copy %s, hybrid %s, auto %s",
+		link>>20, downtime[ModePreCopy], downtime[ModePostCopy], downtime[ModeHybrid], downtime[ModeAuto])
+	if len(downtime) == 4 && (downtime[ModePostCopy] >= downtime[ModePreCopy] || downtime[ModeHybrid] >= downtime[ModePreCopy] ||
+		downtime[ModeAuto] > DefaultDowntimeLimit) {
+		t.Fatal("post-copy, hybrid or auto stopped the guest longer than pre-copy's forced stop-and-copy, or auto broke its downtime limit")
 	}
 }
 

@@ -34,6 +34,7 @@ const (
 	SwitchHybridTime    = "hybrid: pre-copy time bound"
 	SwitchHybridPasses  = "hybrid: pre-copy pass bound"
 	SwitchStalled       = "pre-copy stalled: post-copy"
+	SwitchAutoPostcopy  = "auto: pre-copy cannot converge: post-copy"
 )
 
 // PostcopyReport measures the post-copy phase: the source's counts and
@@ -112,6 +113,14 @@ type Report struct {
 	// GuestWorkBefore is the guest workload's progress (pages/s, from its
 	// heartbeats) in the 5 s before the migration began; 0 if unknown.
 	GuestWorkBefore float64 `json:"guest_work_before,omitempty"`
+	// Prediction is the model's view (auto mode, and every mode that
+	// measured a pre-copy pass or had a bandwidth cap); Predicted its
+	// estimate for the technique that ran, to compare with the actual.
+	Prediction   *Prediction   `json:"prediction,omitempty"`
+	Predicted    *Estimate     `json:"predicted,omitempty"`
+	Chosen       Mode          `json:"chosen,omitempty"`    // auto: the technique it picked
+	SampleTime   time.Duration `json:"sample_ns,omitempty"` // auto: watching the guest's writes before the first pass
+	ChoiceReason string        `json:"choice_reason,omitempty"`
 }
 
 // WriteTable renders the report for people.
@@ -125,6 +134,9 @@ func (r *Report) WriteTable(w io.Writer) {
 		row("rollback", "guest kept running on the source")
 	}
 	row("mode", string(r.Mode))
+	if r.Chosen != "" {
+		row("auto", fmt.Sprintf("%s: %s", r.Chosen, r.ChoiceReason))
+	}
 	if r.SwitchReason != "" {
 		row("switch", r.SwitchReason)
 	}
@@ -141,6 +153,10 @@ func (r *Report) WriteTable(w io.Writer) {
 		units.FormatBytes(r.BytesPrecopy), units.FormatBytes(r.BytesStopCopy), units.FormatBytes(r.BytesState)))
 	row("pages", fmt.Sprintf("%d sent, %d re-sent, %d zero pages skipped", r.PagesSent, r.PagesResent, r.ZeroPagesSkipped))
 	row("throughput", rate(r.AvgThroughput))
+	if p := r.Predicted; p != nil {
+		row("predicted", fmt.Sprintf("transfer %s (actual %s), downtime %s (actual %s), %s on the wire (actual %s)",
+			ms(p.TotalTime), ms(r.TransferTime()), ms(p.Downtime), ms(r.Downtime), units.FormatBytes(p.Bytes), units.FormatBytes(r.BytesTotal)))
+	}
 	if p := r.Postcopy; p != nil {
 		row("post-copy", fmt.Sprintf("%s, %s until resident (%s)", ms(p.Duration), ms(p.Residency), p.End))
 		row("post-copy pages", fmt.Sprintf("%d needed: %d pushed (%s), %d on demand (%s), %d never needed",
@@ -207,3 +223,7 @@ func (p Progress) Line() string {
 		p.Phase, p.Iteration, units.FormatBytes(p.RemainingBytes), rate(p.DirtyRate), rate(p.Throughput),
 		units.FormatBytes(p.BytesSent), ms(p.Elapsed), eta)
 }
+
+// TransferTime is the migration's time after the handshake and the
+// sampling: what a prediction's total time predicts.
+func (r *Report) TransferTime() time.Duration { return r.TotalTime - r.SetupTime - r.SampleTime }

@@ -97,9 +97,10 @@ type sender struct {
 	id        [16]byte
 	paused    bool
 	pausedAt  time.Time
-	complete  bool   // every byte of the guest was handed to the connection
-	resumedAt bool   // the destination runs the guest (post-copy: from the switch)
-	version   uint16 // negotiated protocol version
+	complete  bool          // every byte of the guest was handed to the connection
+	resumedAt bool          // the destination runs the guest (post-copy: from the switch)
+	version   uint16        // negotiated protocol version
+	profile   *DirtyProfile // the guest's writes, sampled before the migration (auto)
 	// bytesBefore counts bytes sent on connections closed before the
 	// current ones (post-copy links re-opened after a break).
 	bytesBefore uint64
@@ -313,7 +314,17 @@ func (x *sender) transfer() error {
 		x.rep.SwitchReason = SwitchStopCopyMode
 		return x.handover(nil)
 	case ModePostCopy, ModeDemand:
+		x.predictFixed()
 		return x.postcopyAtOnce()
+	case ModeAuto:
+		// Watch the guest's writes first: the prediction after the
+		// first pass decides the technique.
+		p, err := SampleDirty(x.ctx, x.VM, x.Opts.SampleTime, sampleTick)
+		if err != nil {
+			return fmt.Errorf("sampling the guest's dirty rate: %w", err)
+		}
+		x.profile = p
+		x.rep.SampleTime = p.SampleTime
 	}
 	return x.precopy()
 }
@@ -382,7 +393,9 @@ func (x *sender) precopy() error {
 			x.rep.SwitchReason, toPostcopy = SwitchHybridPasses, true
 		case x.Opts.Mode == ModeHybrid && x.Opts.PrecopyTime > 0 && elapsed >= x.Opts.PrecopyTime:
 			x.rep.SwitchReason, toPostcopy = SwitchHybridTime, true
-		case x.Opts.PostcopyOnStall && stalls >= 2:
+		case iter == 0 && x.decideAfterFirstPass(it, n):
+			x.rep.SwitchReason, toPostcopy = SwitchAutoPostcopy, true
+		case x.postcopyOnStall() && stalls >= 2:
 			x.rep.SwitchReason, toPostcopy = SwitchStalled, true
 		case iter+1 >= x.Opts.MaxIterations:
 			x.rep.SwitchReason, toPostcopy = SwitchMaxIterations, x.Opts.mayPostcopy()

@@ -215,6 +215,11 @@ func newMigrateCmd() *cobra.Command {
 		Long: `Move a running VM to the daemon at ADDR while it runs.
 
 Modes:
+  auto      (default) watch the guest's writes for a second, predict every
+            technique on them and the link, and pick one within
+            --downtime-limit, --max-total-time and --require-rollback:
+            pre-copy when it converges, else one pre-copy pass then
+            post-copy; a stalled pre-copy switches to post-copy
   precopy   copy memory while the guest runs, pass after pass, then stop it
             briefly for the rest (--postcopy-on-stall: switch to post-copy
             instead of a forced stop-and-copy when passes stop shrinking)
@@ -231,8 +236,15 @@ between the hosts: it cannot be cancelled, and if the link breaks the guest
 waits (its vCPUs block on missing pages) while the source re-opens the link
 on its own; --resume makes it try at once. If the link stays down past
 --recovery-timeout, the destination stops the guest rather than run it
-with missing memory.`,
-		Example: `  ferry migrate web --to 10.0.0.2:7700 --mode precopy --downtime-limit 50ms
+with missing memory.
+
+--dry-run prints the predictions (total time, downtime, bytes for each
+technique, and what auto would pick) without moving anything: it measures
+the link to ADDR (or takes --bandwidth) and samples the guest's writes for
+two seconds.`,
+		Example: `  ferry migrate web --to 10.0.0.2:7700                    # auto
+  ferry migrate web --to 10.0.0.2:7700 --dry-run          # predictions only
+  ferry migrate web --to 10.0.0.2:7700 --mode precopy --downtime-limit 50ms
   ferry migrate web --to 10.0.0.2:7700 --mode hybrid --precopy-time 5s
   ferry migrate web --to 10.0.0.2:7700 --mode precopy --postcopy-on-stall
   ferry migrate web --to 10.0.0.2:7700 --mode stopcopy --json
@@ -271,12 +283,18 @@ with missing memory.`,
 				return err
 			}
 			req.Op, req.To, req.Params = "migrate", to, p
+			if p.DryRun {
+				return runPredict(cmd, req, asJSON)
+			}
 			return runMigrate(cmd, req, asJSON)
 		},
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&to, "to", "", "the destination daemon's address")
-	fl.StringVar(&mode, "mode", "precopy", "precopy, stopcopy, postcopy, demand or hybrid")
+	fl.StringVar(&mode, "mode", "auto", "auto, precopy, stopcopy, postcopy, demand or hybrid")
+	fl.BoolVar(&p.DryRun, "dry-run", false, "print the predictions for every technique; move nothing")
+	fl.DurationVar(&p.MaxTotalTime, "max-total-time", 0, "auto: the migration should end within this (0: no bound)")
+	fl.BoolVar(&p.RequireRollback, "require-rollback", false, "auto: never post-copy (only pre-copy can fall back to the source)")
 	fl.DurationVar(&p.DowntimeLimit, "downtime-limit", migration.DefaultDowntimeLimit, "pre-copy switches over once the rest fits in this")
 	fl.IntVar(&p.MaxIterations, "max-iterations", migration.DefaultMaxIterations, "force the switch after this many pre-copy passes")
 	fl.DurationVar(&p.PrecopyTimeout, "precopy-timeout", migration.DefaultPrecopyTimeout, "force the switch after this long in pre-copy")
@@ -293,6 +311,24 @@ with missing memory.`,
 	fl.BoolVar(&resume, "resume", false, "re-open the broken post-copy link of NAME's migration now")
 	cmd.MarkFlagsMutuallyExclusive("cancel", "set", "finish", "resume")
 	return cmd
+}
+
+// runPredict prints what `--dry-run` predicts.
+func runPredict(cmd *cobra.Command, req daemon.Request, asJSON bool) error {
+	r, err := callDaemon(req, nil)
+	if err != nil {
+		return err
+	}
+	if r.Prediction == nil {
+		return errors.New("the daemon returned no prediction")
+	}
+	if asJSON {
+		enc := json.NewEncoder(cmd.OutOrStdout())
+		enc.SetIndent("", "  ")
+		return enc.Encode(r.Prediction)
+	}
+	r.Prediction.WriteTable(cmd.OutOrStdout())
+	return nil
 }
 
 func runMigrate(cmd *cobra.Command, req daemon.Request, asJSON bool) error {

@@ -69,12 +69,14 @@ type Status struct {
 
 // Response answers a Request.
 type Response struct {
-	OK        bool                 `json:"ok"`
-	Error     string               `json:"error,omitempty"`
-	Status    *Status              `json:"status,omitempty"`
-	Save      *snapshot.SaveReport `json:"save,omitempty"`
-	Progress  *migration.Progress  `json:"progress,omitempty"` // a streamed update; more lines follow
-	Migration *migration.Report    `json:"migration,omitempty"`
+	OK     bool                 `json:"ok"`
+	Error  string               `json:"error,omitempty"`
+	Status *Status              `json:"status,omitempty"`
+	Save   *snapshot.SaveReport `json:"save,omitempty"`
+	// Prediction answers "predict".
+	Prediction *migration.Prediction `json:"prediction,omitempty"`
+	Progress   *migration.Progress   `json:"progress,omitempty"` // a streamed update; more lines follow
+	Migration  *migration.Report     `json:"migration,omitempty"`
 }
 
 // RunDir is where control sockets live: $FERRY_RUN_DIR, else /run/ferry for
@@ -329,6 +331,8 @@ func (s *Server) handle(req Request) Response {
 			return Response{Error: err.Error()}
 		}
 		return Response{OK: true}
+	case "predict":
+		return s.predict(req)
 	case "finish", "retry-link":
 		s.migMu.Lock()
 		defer s.migMu.Unlock()
@@ -417,4 +421,29 @@ func CallStream(path string, req Request, timeout time.Duration, onProgress func
 		}
 		return &resp, nil
 	}
+}
+
+// predict samples the guest's writes and predicts every technique for a
+// link of req.Bandwidth bytes/s (the daemon measured it or the user gave
+// it). It needs dirty logging, so not while a migration runs.
+func (s *Server) predict(req Request) Response {
+	opts, err := req.Params.Options()
+	if err != nil {
+		return Response{Error: err.Error()}
+	}
+	s.migMu.Lock()
+	busy := s.migrating != nil
+	s.migMu.Unlock()
+	if busy {
+		return Response{Error: "a migration of this VM is running"}
+	}
+	sample := opts.SampleTime
+	if sample < 2*time.Second {
+		sample = 2 * time.Second // a dry run can afford a longer look
+	}
+	profile, err := migration.SampleDirty(context.Background(), s.vm, sample, 100*time.Millisecond)
+	if err != nil {
+		return Response{Error: fmt.Sprintf("sampling the guest's writes: %v", err)}
+	}
+	return Response{OK: true, Prediction: migration.Predict(profile, float64(req.Bandwidth), opts)}
 }

@@ -45,6 +45,8 @@ type Request struct {
 	Input  []byte `json:"input,omitempty"`
 	// Migration arbitration (commit from a local VMM, resolve from a peer).
 	ID string `json:"id,omitempty"`
+	// probe from a peer: how many bytes to send back.
+	ProbeBytes int64 `json:"probe_bytes,omitempty"`
 	// vm-status from a peer: the window for the workload rate.
 	WindowFrom int64 `json:"window_from,omitempty"`
 	WindowTo   int64 `json:"window_to,omitempty"`
@@ -85,6 +87,10 @@ type Response struct {
 	More      bool                `json:"more,omitempty"` // a stream line; another follows
 	Beat      int64               `json:"first_beat_unix_nano,omitempty"`
 	WorkRate  float64             `json:"work_rate,omitempty"` // vm-status with a window
+	// Prediction answers a migrate with dry_run.
+	Prediction *migration.Prediction `json:"prediction,omitempty"`
+	// ProbeBytes: raw bytes that follow this line (peer op probe).
+	ProbeBytes int64 `json:"probe_bytes,omitempty"`
 }
 
 // Call sends req on conn and reads the answer; stream lines go to each.

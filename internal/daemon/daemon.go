@@ -192,6 +192,8 @@ func (d *Daemon) handlePeer(req Request, c net.Conn) Response {
 		return Response{OK: true, Identity: &id}
 	case "incoming":
 		return d.incoming(req, c)
+	case "probe":
+		return probe(req, c)
 	case "vm-status":
 		p, err := d.find(req.Name)
 		if err != nil {

@@ -1,8 +1,12 @@
 package daemon
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"time"
@@ -54,6 +58,9 @@ func (d *Daemon) migrate(req Request, send func(Response)) Response {
 	p, err := d.find(req.Name)
 	if err != nil {
 		return fail("%v", err)
+	}
+	if req.DryRun {
+		return d.predict(p, req)
 	}
 	d.mu.Lock()
 	if p.info.State != "running" {
@@ -186,4 +193,87 @@ func (d *Daemon) postcopyDegradation(addr, name string, rep *migration.Report) {
 	}
 	p.GuestWorkDuring = r.WorkRate
 	p.Degradation = max(0, 1-r.WorkRate/rep.GuestWorkBefore)
+}
+
+// predict answers `ferry migrate --dry-run`: the link's bandwidth (the
+// cap, or a probe of the path to the destination daemon), then the VM's
+// own prediction from a sample of its writes. Nothing moves.
+func (d *Daemon) predict(p *vmProc, req Request) Response {
+	bw := req.Bandwidth
+	if bw <= 0 {
+		measured, err := d.probeLink(req.To)
+		if err != nil {
+			return fail("measuring the link to %s: %v", req.To, err)
+		}
+		bw = measured
+	}
+	creq := control.Request{Op: "predict", Params: req.Params}
+	creq.Bandwidth = bw
+	cr, err := control.Call(p.control, creq, time.Minute)
+	if err != nil {
+		return fail("predicting the migration of %s: %v", req.Name, err)
+	}
+	return Response{OK: true, Prediction: cr.Prediction}
+}
+
+// probeSize is what a link probe moves: enough to leave TCP slow start.
+const probeSize = 64 << 20
+
+// probeLink measures the path to the daemon at addr: that daemon sends
+// probeSize raw bytes back over the same mutually authenticated TLS
+// connection a migration's would use (between its header line and its
+// final answer).
+func (d *Daemon) probeLink(addr string) (int64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := d.dialPeer(ctx, addr)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	b, _ := json.Marshal(Request{Op: "probe", ProbeBytes: probeSize})
+	if _, err := c.Write(append(b, '\n')); err != nil {
+		return 0, err
+	}
+	r := bufio.NewReaderSize(c, 64<<10)
+	var head Response
+	line, err := r.ReadBytes('\n')
+	if err == nil {
+		err = json.Unmarshal(line, &head)
+	}
+	if err != nil || !head.OK {
+		return 0, fmt.Errorf("probe: %v %s", err, head.Error)
+	}
+	// Time from the first byte: the round trip is not bandwidth.
+	if _, err := r.Peek(1); err != nil {
+		return 0, fmt.Errorf("probe: %w", err)
+	}
+	start := time.Now()
+	n, err := io.CopyN(io.Discard, r, head.ProbeBytes)
+	el := time.Since(start)
+	if err != nil {
+		return 0, fmt.Errorf("probe: after %d bytes: %w", n, err)
+	}
+	if n == 0 || el <= 0 {
+		return 0, errors.New("the probe moved nothing")
+	}
+	return int64(float64(n) / el.Seconds()), nil
+}
+
+// probe answers a peer's link probe: a header line saying how many raw
+// bytes follow, then the bytes (the final answer comes after them).
+func probe(req Request, c net.Conn) Response {
+	n := min(max(req.ProbeBytes, 0), probeSize)
+	b, _ := json.Marshal(Response{OK: true, More: true, ProbeBytes: n})
+	if _, err := c.Write(append(b, '\n')); err != nil {
+		return fail("probe: %v", err)
+	}
+	pad := make([]byte, 1<<20)
+	for left := n; left > 0; left -= int64(len(pad)) {
+		if _, err := c.Write(pad[:min(left, int64(len(pad)))]); err != nil {
+			return fail("probe: %v", err)
+		}
+	}
+	return Response{OK: true}
 }

@@ -29,8 +29,8 @@ type DirtyProfile struct {
 }
 
 // DirtyWithin estimates how many distinct pages the guest dirties in d:
-// measured up to the sample's length, extrapolated beyond at the last
-// measured growth, never more than all of RAM.
+// measured up to the sample's length; beyond it, a working-set model fitted
+// to the measurements (below); never more than all of RAM.
 func (p *DirtyProfile) DirtyWithin(d time.Duration) float64 {
 	n := len(p.Horizon)
 	if n == 0 || p.Tick <= 0 || d <= 0 {
@@ -46,13 +46,43 @@ func (p *DirtyProfile) DirtyWithin(d time.Duration) float64 {
 		lo, hi := float64(p.Horizon[i-1]), float64(p.Horizon[min(i, n-1)])
 		v = lo + (x-float64(i))*(hi-lo)
 	default:
-		growth := float64(p.Horizon[0])
-		if n > 1 {
-			growth = float64(p.Horizon[n-1] - min(p.Horizon[n-2], p.Horizon[n-1])) // pages per tick at the end
-		}
-		v = float64(p.Horizon[n-1]) + (x-float64(n))*growth
+		w, r := p.fit()
+		v = w * (1 - math.Exp(-r*x/w))
 	}
 	return math.Min(v, float64(p.Pages))
+}
+
+// fit fits the measured horizons with the distinct pages touched by r
+// writes per tick spread over a working set of w pages,
+// d(x) = w·(1 − e^(−r·x/w)) (x in ticks): it saturates at the working set
+// as random writes do, and is nearly linear for a sequential writer (large
+// w). r follows from the first tick; w is the best of a logarithmic grid
+// from the largest measurement to all of RAM.
+func (p *DirtyProfile) fit() (w, r float64) {
+	h0 := float64(p.Horizon[0])
+	last := float64(p.Horizon[len(p.Horizon)-1])
+	best, bestErr := float64(p.Pages), math.Inf(1)
+	lo := math.Max(last*1.001, 1)
+	hi := math.Max(float64(p.Pages), lo)
+	for i := 0; i <= 200; i++ {
+		cw := lo * math.Pow(hi/lo, float64(i)/200)
+		if h0 >= cw {
+			continue
+		}
+		cr := -cw * math.Log(1-h0/cw)
+		var e float64
+		for j, m := range p.Horizon {
+			d := cw*(1-math.Exp(-cr*float64(j+1)/cw)) - float64(m)
+			e += d * d
+		}
+		if e < bestErr {
+			best, bestErr = cw, e
+		}
+	}
+	if h0 >= best {
+		return best, h0
+	}
+	return best, -best * math.Log(1-h0/best)
 }
 
 // SampleDirty watches the guest's writes for d in ticks of tick (dirty
@@ -290,12 +320,17 @@ func (pr *Prediction) WriteTable(w io.Writer) {
 	for _, e := range pr.Estimates {
 		extra := e.Note
 		if e.Note == "" && e.Passes > 0 {
-			extra = fmt.Sprintf("%d passes, %s", e.Passes, map[bool]string{true: "converges", false: "forced switch"}[e.Converges])
+			extra = fmt.Sprintf("%d pass%s, %s", e.Passes, map[bool]string{true: "", false: "es"}[e.Passes == 1],
+				map[bool]string{true: "converges", false: "forced switch"}[e.Converges])
 		}
 		if e.Degraded > 0 {
 			extra = fmt.Sprintf("guest on remote faults for %s; %s", ms(e.Degraded), extra)
 		}
-		fmt.Fprintf(w, "  %-9s %10s %10s %10s  %s\n", e.Mode, ms(e.TotalTime), ms(e.Downtime), units.FormatBytes(e.Bytes), extra)
+		total := ms(e.TotalTime)
+		if e.TotalTime == 0 {
+			total = "-"
+		}
+		fmt.Fprintf(w, "  %-9s %10s %10s %10s  %s\n", e.Mode, total, ms(e.Downtime), units.FormatBytes(e.Bytes), extra)
 	}
 	if pr.Choice != "" {
 		fmt.Fprintf(w, "auto: %s (%s)\n", pr.Choice, pr.Reason)

@@ -270,7 +270,8 @@ func stopDaemon(p *os.Process, dir string) {
 	exec.Command("pkill", "-KILL", "-f", "--data-dir "+dir).Run()
 }
 
-// TestDaemonsPostcopy: a verify guest moves by hybrid migration through
+// TestDaemonsPostcopy: predictions by --dry-run (nothing moves); then a
+// verify guest moves by hybrid migration through
 // the daemons (post-copy after one pre-copy pass), then back by demand
 // paging, whose source VMM process is killed while the guest still needs
 // pages from it: the destination stops the guest after its recovery
@@ -281,7 +282,20 @@ func TestDaemonsPostcopy(t *testing.T) {
 	trustEachOther(t, h1, h2)
 	h1.must(t, "run", "--detach", "--name", "vm", "--guest", "test", "--mem", "256M", "--cpus", "2", "--cmdline", "workload=verify size=32M fill=64M")
 	waitBeats(t, h1, "vm", 4)
-	out := h1.must(t, "migrate", "vm", "--to", h2.addr, "--mode", "hybrid", "--precopy-passes", "1", "--downtime-limit", "1ms", "--json")
+	// Predictions first: nothing moves.
+	out := h1.must(t, "migrate", "vm", "--to", h2.addr, "--dry-run", "--json")
+	var pr migration.Prediction
+	if err := json.Unmarshal([]byte(out), &pr); err != nil {
+		t.Fatalf("dry run is not JSON: %v\n%s", err, out)
+	}
+	if pr.Bandwidth <= 0 || len(pr.Estimates) < 6 || pr.Choice == "" || pr.Profile.DataPages == 0 {
+		t.Fatalf("incomplete prediction: %s", out)
+	}
+	t.Logf("dry run: link %.0f MiB/s, auto picks %s (%s)", pr.Bandwidth/(1<<20), pr.Choice, pr.Reason)
+	if ps := h2.must(t, "ps"); strings.Contains(ps, "vm ") {
+		t.Fatalf("a dry run started a VM on the destination:\n%s", ps)
+	}
+	out = h1.must(t, "migrate", "vm", "--to", h2.addr, "--mode", "hybrid", "--precopy-passes", "1", "--downtime-limit", "1ms", "--json")
 	var rep migration.Report
 	if err := json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &rep); err != nil {
 		t.Fatalf("report is not JSON: %v\n%s", err, out)

@@ -297,7 +297,7 @@ func choose(pr *Prediction, opts Options) (Mode, string) {
 	pre, _ := pr.Estimate(ModePreCopy)
 	withinTotal := func(e Estimate) bool { return opts.MaxTotalTime <= 0 || e.TotalTime <= opts.MaxTotalTime }
 	if pre.Converges && pre.Downtime <= opts.DowntimeLimit+switchCost && withinTotal(pre) {
-		return ModePreCopy, fmt.Sprintf("pre-copy converges in %d passes with %s downtime", pre.Passes, ms(pre.Downtime))
+		return ModePreCopy, fmt.Sprintf("pre-copy converges in %s with %s downtime", plural(pre.Passes, "pass", "passes"), ms(pre.Downtime))
 	}
 	if opts.RequireRollback {
 		return ModePreCopy, fmt.Sprintf("pre-copy does not converge on its own (predicted downtime %s), but rollback is required: pre-copy with auto-converge", ms(pre.Downtime))
@@ -320,8 +320,7 @@ func (pr *Prediction) WriteTable(w io.Writer) {
 	for _, e := range pr.Estimates {
 		extra := e.Note
 		if e.Note == "" && e.Passes > 0 {
-			extra = fmt.Sprintf("%d pass%s, %s", e.Passes, map[bool]string{true: "", false: "es"}[e.Passes == 1],
-				map[bool]string{true: "converges", false: "forced switch"}[e.Converges])
+			extra = fmt.Sprintf("%s, %s", plural(e.Passes, "pass", "passes"), map[bool]string{true: "converges", false: "forced switch"}[e.Converges])
 		}
 		if e.Degraded > 0 {
 			extra = fmt.Sprintf("guest on remote faults for %s; %s", ms(e.Degraded), extra)
@@ -401,4 +400,11 @@ func (x *sender) predictFixed() {
 // postcopyOnStall says whether a stalled pre-copy switches to post-copy.
 func (x *sender) postcopyOnStall() bool {
 	return x.Opts.PostcopyOnStall || (x.Opts.Mode == ModeAuto && !x.Opts.RequireRollback)
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return fmt.Sprintf("%d %s", n, many)
 }

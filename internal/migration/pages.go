@@ -104,3 +104,42 @@ func (p pageIndex) bitmapOf(rs []wire.PageRange, words int) ([]uint64, error) {
 	}
 	return bm, nil
 }
+
+// warm counts one more pass in which the pages set in dirty were written.
+func (x *sender) warm(dirty []uint64) {
+	if x.heat == nil {
+		x.heat = make([]uint8, len(dirty)*64)
+	}
+	forEachSet(dirty, func(idx uint64) error {
+		if x.heat[idx] < 255 {
+			x.heat[idx]++
+		}
+		return nil
+	})
+}
+
+// hotPasses is how many passes a page must have been dirtied in to be
+// sent at the end of a pass.
+const hotPasses = 2
+
+// forEachByHeat calls f for the pages set in todo: first those the guest
+// dirtied in fewer than hotPasses passes, in address order, then the hot
+// ones. A hot page sent late has less time to be dirtied again before
+// the pass ends (page ordering, as the seed paper lists it).
+func (x *sender) forEachByHeat(todo []uint64, f func(idx uint64) error) error {
+	if x.heat == nil {
+		return forEachSet(todo, f)
+	}
+	for _, hot := range []bool{false, true} {
+		err := forEachSet(todo, func(idx uint64) error {
+			if (x.heat[idx] >= hotPasses) != hot {
+				return nil
+			}
+			return f(idx)
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}

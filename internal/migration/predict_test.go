@@ -63,3 +63,24 @@ func TestPredictPicks(t *testing.T) {
 		t.Fatalf("busy guest, rollback required: %s", pr.Choice)
 	}
 }
+
+func TestColdPagesFirst(t *testing.T) {
+	x := &sender{}
+	todo := make([]uint64, 2)
+	for _, i := range []uint64{3, 7, 64, 90} {
+		setBit(todo, i)
+	}
+	hot := make([]uint64, 2)
+	setBit(hot, 7)
+	setBit(hot, 64)
+	x.warm(hot)
+	x.warm(hot) // 7 and 64 dirtied in two passes
+	var order []uint64
+	x.forEachByHeat(todo, func(i uint64) error { order = append(order, i); return nil })
+	want := []uint64{3, 90, 7, 64}
+	for i := range want {
+		if i >= len(order) || order[i] != want[i] {
+			t.Fatalf("order %v, want %v", order, want)
+		}
+	}
+}

@@ -101,6 +101,9 @@ type sender struct {
 	resumedAt bool          // the destination runs the guest (post-copy: from the switch)
 	version   uint16        // negotiated protocol version
 	profile   *DirtyProfile // the guest's writes, sampled before the migration (auto)
+	// heat counts, per page, the pre-copy passes during which the guest
+	// dirtied it (saturating): passes send cold pages first.
+	heat []uint8
 	// bytesBefore counts bytes sent on connections closed before the
 	// current ones (post-copy links re-opened after a break).
 	bytesBefore uint64
@@ -358,6 +361,7 @@ func (x *sender) precopy() error {
 		if err != nil {
 			return err
 		}
+		x.warm(dirty)
 		it.DirtyPages = uint64(n)
 		if it.Duration > 0 {
 			it.DirtyRate = float64(n) * guestmem.PageSize / it.Duration.Seconds()
@@ -463,7 +467,7 @@ func (x *sender) sendPass(iter int, phase Phase, todo []uint64, skipZero bool) (
 	bytes := x.mem.Bytes()
 	left := countSet(todo)
 	x.progress.RemainingBytes = left * guestmem.PageSize
-	err := forEachSet(todo, func(idx uint64) error {
+	err := x.forEachByHeat(todo, func(idx uint64) error {
 		left--
 		x.progress.RemainingBytes = left * guestmem.PageSize
 		off := idx * guestmem.PageSize

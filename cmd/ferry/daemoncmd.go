@@ -279,6 +279,11 @@ two seconds.`,
 				return errors.New("--to ADDR is required")
 			}
 			p.Mode, p.Bandwidth = mode, bw
+			if dc, err := units.ParseBytes(cmd.Flag("delta-cache").Value.String()); err != nil {
+				return fmt.Errorf("--delta-cache: %w", err)
+			} else {
+				p.DeltaCache = int64(dc)
+			}
 			if _, err := p.Options(); err != nil {
 				return err
 			}
@@ -303,7 +308,13 @@ two seconds.`,
 	fl.BoolVar(&p.PostcopyOnStall, "postcopy-on-stall", false, "precopy: switch to post-copy when passes stop shrinking")
 	fl.DurationVar(&p.RecoveryTimeout, "recovery-timeout", migration.DefaultRecoveryTimeout, "post-copy: how long the source keeps re-opening a broken link")
 	fl.StringVar(&bandwidth, "bandwidth", "", "cap the transfer, e.g. 1Gbit, 500Mbit, 100MB (per second); default unlimited")
-	fl.BoolVar(&p.Compress, "compress", false, "compress pages with zstd")
+	fl.StringVar(&p.Codec, "compress", "none", "compress page chunks: none, zstd[:1-22|fastest|default|better|best], lz4[:fast|1-9|hc] (--compress alone: zstd)")
+	fl.Lookup("compress").NoOptDefVal = "zstd"
+	fl.BoolVar(&p.Dedup, "dedup", false, "send a page identical to one the destination holds as a reference to it")
+	fl.BoolVar(&p.Delta, "delta", false, "send re-dirtied pages as XBZRLE deltas to their previous version")
+	var deltaCache string
+	fl.StringVar(&deltaCache, "delta-cache", "64M", "memory for --delta's previous page versions")
+	fl.IntVar(&p.Workers, "workers", 0, "goroutines encoding and compressing chunks (default: one per CPU)")
 	fl.BoolVar(&asJSON, "json", false, "print the final report as JSON")
 	fl.BoolVar(&cancel, "cancel", false, "cancel the running migration of NAME (the guest stays here; not in post-copy)")
 	fl.BoolVar(&set, "set", false, "change --bandwidth of the running migration of NAME")

@@ -292,6 +292,9 @@ func (d *Destination) receive(ctx context.Context, conn *wire.Conn, hello *wire.
 	if _, err := ParseMode(hello.Mode); err != nil {
 		return refuse(wire.RefuseOptions, fmt.Errorf("mode %q is not supported here", hello.Mode))
 	}
+	if codec, _, err := state.ParseCodec(hello.Options.Codec); err != nil || (codec == state.CodecLZ4 && welcome.ProtocolVersion < wire.EncodingsVersion) {
+		return refuse(wire.RefuseOptions, fmt.Errorf("codec %q is not supported here", hello.Options.Codec))
+	}
 	if d.Admit != nil {
 		if err := d.Admit(hello); err != nil {
 			return refuse(wire.RefuseBusy, err)
@@ -309,6 +312,9 @@ func (d *Destination) receive(ctx context.Context, conn *wire.Conn, hello *wire.
 		return vm, fmt.Errorf("answering the source: %w", err)
 	}
 	mem := vm.Memory()
+	regions := mem.Regions()
+	dec := state.NewChunkDecoder()
+	defer dec.Close()
 	var machine *state.Machine
 	for {
 		if err := ctx.Err(); err != nil {
@@ -324,14 +330,7 @@ func (d *Destination) receive(ctx context.Context, conn *wire.Conn, hello *wire.
 		}
 		switch m := msg.(type) {
 		case *wire.Pages:
-			n, err := m.Decode(hello.Header, func(gpa uint64, data []byte) error {
-				dst, err := mem.Slice(gpa, uint64(len(data)))
-				if err != nil {
-					return err
-				}
-				copy(dst, data)
-				return nil
-			})
+			n, err := state.ApplyPageChunk(m.Chunk, regions, mem.Bytes(), dec)
 			if err != nil {
 				return vm, fmt.Errorf("bad pages from the source (iteration %d): %w", m.Iteration, err)
 			}

@@ -160,11 +160,13 @@ func migrateWith(t *testing.T, g *guest, opts Options, setup migrateSetup) migra
 	if setup.dest != nil {
 		setup.dest(d)
 	}
+	dctx, dcancel := context.WithCancel(context.Background())
+	defer dcancel()
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		vm, rep, err := d.Run(context.Background(), ln)
+		vm, rep, err := d.Run(dctx, ln)
 		res.dstRep, res.dstErr = rep, err
 		if vm != nil {
 			t.Cleanup(func() { vm.Close() })
@@ -194,6 +196,12 @@ func migrateWith(t *testing.T, g *guest, opts Options, setup migrateSetup) migra
 		ctx = context.Background()
 	}
 	res.rep, res.err = src.Run(ctx, dial)
+	if res.err != nil {
+		// A source that failed before its hello leaves the destination
+		// waiting for one.
+		stop := time.AfterFunc(5*time.Second, dcancel)
+		defer stop.Stop()
+	}
 	wg.Wait()
 	if res.dstErr == nil {
 		res.dstEnd = d.Wait()

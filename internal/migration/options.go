@@ -14,7 +14,10 @@ package migration
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"time"
+
+	"github.com/ferry-vmm/ferry/internal/state"
 )
 
 // Mode is a migration technique.
@@ -68,8 +71,22 @@ type Options struct {
 	PrecopyTimeout time.Duration
 	// Bandwidth caps the page stream, bytes per second (0 = unlimited).
 	Bandwidth int64
-	// Compress page data with zstd.
+	// Compress page data with zstd (the fastest level) when Codec is
+	// none; kept for callers of the first version.
 	Compress bool
+	// Codec and CodecLevel compress page chunks (state.ParseCodec).
+	Codec      state.Codec
+	CodecLevel int
+	// Workers encode and compress chunks in parallel (default: one per
+	// CPU).
+	Workers int
+	// Dedup sends a page whose content the destination already holds in
+	// another page as a reference to it. Delta sends a re-dirtied page as
+	// an XBZRLE delta to its previous version, with a cache of DeltaCache
+	// bytes of previous versions (default DefaultDeltaCache).
+	Dedup      bool
+	Delta      bool
+	DeltaCache int64
 	// AckTimeout bounds the wait for the destination's resume
 	// acknowledgement after the last byte was sent.
 	AckTimeout time.Duration
@@ -111,6 +128,7 @@ const (
 	// its memory) and the source gives up.
 	DefaultRecoveryTimeout = 2 * time.Minute
 	DefaultSampleTime      = time.Second
+	DefaultDeltaCache      = 64 << 20
 	sampleTick             = 100 * time.Millisecond
 )
 
@@ -120,6 +138,15 @@ func (o Options) withDefaults() Options {
 	}
 	if o.SampleTime <= 0 {
 		o.SampleTime = DefaultSampleTime
+	}
+	if o.Compress && o.Codec == state.CodecNone {
+		o.Codec, o.CodecLevel = state.CodecZstd, state.ZstdFastest
+	}
+	if o.Workers <= 0 {
+		o.Workers = runtime.NumCPU()
+	}
+	if o.DeltaCache <= 0 {
+		o.DeltaCache = DefaultDeltaCache
 	}
 	if o.DowntimeLimit <= 0 {
 		o.DowntimeLimit = DefaultDowntimeLimit
@@ -161,6 +188,11 @@ type Params struct {
 	MaxTotalTime    time.Duration `json:"max_total_time_ns,omitempty"`
 	RequireRollback bool          `json:"require_rollback,omitempty"`
 	DryRun          bool          `json:"dry_run,omitempty"` // predict only
+	Codec           string        `json:"codec,omitempty"`   // state.ParseCodec syntax
+	Workers         int           `json:"workers,omitempty"`
+	Dedup           bool          `json:"dedup,omitempty"`
+	Delta           bool          `json:"delta,omitempty"`
+	DeltaCache      int64         `json:"delta_cache,omitempty"` // bytes
 }
 
 // Options checks the parameters and turns them into Options.
@@ -184,8 +216,26 @@ func (p Params) Options() (Options, error) {
 	if p.Bandwidth < 0 || p.DowntimeLimit < 0 || p.PrecopyTimeout < 0 || p.PrecopyTime < 0 || p.RecoveryTimeout < 0 {
 		return Options{}, errors.New("negative migration limit")
 	}
+	codec, level := state.CodecNone, 0
+	if p.Codec != "" {
+		var err error
+		if codec, level, err = state.ParseCodec(p.Codec); err != nil {
+			return Options{}, err
+		}
+	}
+	if p.Workers < 0 || p.DeltaCache < 0 {
+		return Options{}, errors.New("negative workers or delta cache")
+	}
 	return Options{Mode: mode, DowntimeLimit: p.DowntimeLimit, MaxIterations: p.MaxIterations,
+		Codec: codec, CodecLevel: level, Workers: p.Workers, Dedup: p.Dedup, Delta: p.Delta, DeltaCache: p.DeltaCache,
 		PrecopyTimeout: p.PrecopyTimeout, Bandwidth: p.Bandwidth, Compress: p.Compress,
 		PrecopyTime: p.PrecopyTime, PrecopyPasses: p.PrecopyPasses, PostcopyOnStall: p.PostcopyOnStall,
 		RecoveryTimeout: p.RecoveryTimeout, MaxTotalTime: p.MaxTotalTime, RequireRollback: p.RequireRollback}, nil
 }
+
+// DeltaCachePages is the delta cache's size in pages.
+func (o Options) DeltaCachePages() int { return int(o.DeltaCache / 4096) }
+
+// needsEncodings says whether the migration uses what protocol version 3
+// added: lz4, delta and dup records.
+func (o Options) needsEncodings() bool { return o.Codec == state.CodecLZ4 || o.Delta || o.Dedup }

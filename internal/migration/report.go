@@ -75,9 +75,25 @@ type Iteration struct {
 	ZeroPages  uint64        `json:"zero_pages"` // sent as zero records (no data)
 	Bytes      uint64        `json:"bytes"`      // bytes on the wire for this pass
 	Duration   time.Duration `json:"duration_ns"`
-	DirtyPages uint64        `json:"dirty_pages"` // dirtied while this pass ran
-	DirtyRate  float64       `json:"dirty_rate"`  // bytes/s dirtied while this pass ran
-	Throughput float64       `json:"throughput"`  // bytes/s on the wire
+	DirtyPages uint64        `json:"dirty_pages"`           // dirtied while this pass ran
+	DirtyRate  float64       `json:"dirty_rate"`            // bytes/s dirtied while this pass ran
+	Throughput float64       `json:"throughput"`            // bytes/s on the wire
+	DupPages   uint64        `json:"dup_pages,omitempty"`   // sent as references to identical pages
+	DeltaPages uint64        `json:"delta_pages,omitempty"` // sent as deltas to their previous version
+}
+
+// TransferStats counts what the page encodings and compression did.
+type TransferStats struct {
+	Codec            string `json:"codec"`
+	Workers          int    `json:"workers"`
+	Chunks           uint64 `json:"chunks"`
+	CompressedChunks uint64 `json:"compressed_chunks"`    // stored compressed (smaller that way)
+	PlainUnderLoad   uint64 `json:"plain_under_cpu_load"` // sent uncompressed: the link was waiting for the CPU
+	PageBytes        uint64 `json:"page_bytes"`           // bytes of page contents sent (zero records excluded)
+	ChunkBytes       uint64 `json:"chunk_bytes"`          // bytes of the chunks that carried them
+	DupPages         uint64 `json:"dup_pages"`            // pages sent as a reference to an identical page
+	DeltaPages       uint64 `json:"delta_pages"`          // pages sent as a delta to their previous version
+	DeltaBytes       uint64 `json:"delta_bytes"`          // bytes of those deltas
 }
 
 // Report is what a migration measured. Durations are nanoseconds in JSON.
@@ -108,6 +124,7 @@ type Report struct {
 	AvgThroughput    float64         `json:"avg_throughput"` // bytes/s over the whole migration
 	Iterations       []Iteration     `json:"iterations"`
 	Postcopy         *PostcopyReport `json:"postcopy,omitempty"`
+	Transfer         TransferStats   `json:"transfer"`
 	BandwidthLimit   int64           `json:"bandwidth_limit,omitempty"`
 	DowntimeLimit    time.Duration   `json:"downtime_limit_ns"`
 	// GuestWorkBefore is the guest workload's progress (pages/s, from its
@@ -153,6 +170,11 @@ func (r *Report) WriteTable(w io.Writer) {
 		units.FormatBytes(r.BytesPrecopy), units.FormatBytes(r.BytesStopCopy), units.FormatBytes(r.BytesState)))
 	row("pages", fmt.Sprintf("%d sent, %d re-sent, %d zero pages skipped", r.PagesSent, r.PagesResent, r.ZeroPagesSkipped))
 	row("throughput", rate(r.AvgThroughput))
+	if t := r.Transfer; t.PageBytes > 0 {
+		row("encoding", fmt.Sprintf("%s, %d workers: %s of pages in %s of chunks (%.2fx); %d dup, %d delta pages; %d of %d chunks compressed, %d sent plain (CPU-bound)",
+			t.Codec, t.Workers, units.FormatBytes(t.PageBytes), units.FormatBytes(t.ChunkBytes), float64(t.PageBytes)/float64(max(t.ChunkBytes, 1)),
+			t.DupPages, t.DeltaPages, t.CompressedChunks, t.Chunks, t.PlainUnderLoad))
+	}
 	if p := r.Predicted; p != nil {
 		row("predicted", fmt.Sprintf("transfer %s (actual %s), downtime %s (actual %s), %s on the wire (actual %s)",
 			ms(p.TotalTime), ms(r.TransferTime()), ms(p.Downtime), ms(r.Downtime), units.FormatBytes(p.Bytes), units.FormatBytes(r.BytesTotal)))

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferry-vmm/ferry/internal/guestmem"
@@ -104,6 +105,8 @@ type sender struct {
 	// heat counts, per page, the pre-copy passes during which the guest
 	// dirtied it (saturating): passes send cold pages first.
 	heat []uint8
+	pipe *pipeline
+	left atomic.Uint64 // pages still to send in the current pass
 	// bytesBefore counts bytes sent on connections closed before the
 	// current ones (post-copy links re-opened after a break).
 	bytesBefore uint64
@@ -176,7 +179,15 @@ func (x *sender) run() error {
 	}
 	go x.receive(x.conn, x.inbox)
 	x.rep.SetupTime = time.Since(x.start)
-	err := x.transfer()
+	pipe, err := newPipeline(x)
+	if err != nil {
+		return x.rollback(err)
+	}
+	x.pipe = pipe
+	defer pipe.close()
+	x.rep.Transfer.Codec = state.FormatCodec(x.Opts.Codec, x.Opts.CodecLevel)
+	x.rep.Transfer.Workers = x.Opts.Workers
+	err = x.transfer()
 	if err == nil {
 		return nil
 	}
@@ -201,7 +212,8 @@ func (x *sender) handshake() error {
 		ProtocolVersion: wire.ProtocolVersion, MinVersion: wire.MinProtocolVersion,
 		FerryVersion: version.Version, VMName: x.Name, Mode: string(x.Opts.Mode),
 		Header: header, CPUID: cpuid, MigrationID: x.id,
-		Options: wire.Options{Codec: compressionName(x.Opts.Compress), PageSize: guestmem.PageSize, Streams: 1},
+		// The codec's level is the sender's business: the name is enough.
+		Options: wire.Options{Codec: x.Opts.Codec.String(), PageSize: guestmem.PageSize, Streams: 1},
 	}
 	if err := x.conn.WriteMsg(hello); err != nil {
 		return fmt.Errorf("sending hello: %w", err)
@@ -216,6 +228,9 @@ func (x *sender) handshake() error {
 			return fmt.Errorf("destination's welcome: %w", err)
 		}
 		x.version = r.ProtocolVersion
+		if r.ProtocolVersion < wire.EncodingsVersion && x.Opts.needsEncodings() {
+			return fmt.Errorf("the destination (ferry %s) speaks migration protocol version %d, which has no lz4, delta or dedup records: use --compress zstd|none without --delta and --dedup", r.FerryVersion, r.ProtocolVersion)
+		}
 		if !x.Opts.mayPostcopy() {
 			return nil
 		}
@@ -230,13 +245,6 @@ func (x *sender) handshake() error {
 		return fmt.Errorf("destination error: %s", r.Message)
 	}
 	return fmt.Errorf("destination answered hello with %T", reply)
-}
-
-func compressionName(on bool) string {
-	if on {
-		return "zstd"
-	}
-	return "none"
 }
 
 // readDirect reads one message before the receive goroutine runs,
@@ -352,7 +360,7 @@ func (x *sender) precopy() error {
 		return err
 	}
 	for iter := 0; ; iter++ {
-		it, err := x.sendPass(iter, PhasePreCopy, todo, iter == 0)
+		it, err := x.sendPassPipelined(iter, PhasePreCopy, todo, iter == 0)
 		if err != nil {
 			return err
 		}
@@ -428,87 +436,6 @@ func (x *sender) dataPages() ([]uint64, error) {
 	return bm, nil
 }
 
-// sendPass sends the pages set in todo. With skipZero (iteration 0) zero
-// pages are left out: the destination's memory starts zeroed.
-func (x *sender) sendPass(iter int, phase Phase, todo []uint64, skipZero bool) (*Iteration, error) {
-	it := &Iteration{N: iter, Phase: phase}
-	start := time.Now()
-	bytes0 := x.conn.BytesSent()
-	var pfns []uint64
-	var data [][]byte
-	flush := func() error {
-		if len(pfns) == 0 {
-			return nil
-		}
-		msg, err := wire.NewPages(uint32(iter), phaseCode(phase), pfns, data, x.Opts.Compress, 0)
-		if err != nil {
-			return err
-		}
-		if err := x.limiter.Wait(x.ctx, len(msg.Chunk)); err != nil {
-			return context.Cause(x.ctx)
-		}
-		if err := x.conn.WriteMsg(msg); err != nil {
-			return fmt.Errorf("connection to the destination lost while sending pages: %w", err)
-		}
-		x.chunks++
-		x.chunkBytes += uint64(len(msg.Chunk))
-		pfns, data = pfns[:0], data[:0]
-		if err := x.checkPeer(); err != nil {
-			return err
-		}
-		x.progress.Phase, x.progress.Iteration = phase, iter
-		x.progress.BytesSent = x.bytesSent()
-		if d := time.Since(start); d > 0 {
-			x.progress.Throughput = float64(x.conn.BytesSent()-bytes0) / d.Seconds()
-		}
-		x.emit()
-		return nil
-	}
-	bytes := x.mem.Bytes()
-	left := countSet(todo)
-	x.progress.RemainingBytes = left * guestmem.PageSize
-	err := x.forEachByHeat(todo, func(idx uint64) error {
-		left--
-		x.progress.RemainingBytes = left * guestmem.PageSize
-		off := idx * guestmem.PageSize
-		page := bytes[off : off+guestmem.PageSize]
-		zero := isZeroPage(page)
-		if zero && skipZero {
-			x.rep.ZeroPagesSkipped++
-			return nil
-		}
-		if zero {
-			it.ZeroPages++
-		}
-		word, bit := idx/64, idx%64
-		if x.sent[word]&(1<<bit) != 0 {
-			it.Resent++
-		}
-		x.sent[word] |= 1 << bit
-		it.Pages++
-		pfns = append(pfns, x.pages.gpa(idx)/guestmem.PageSize)
-		data = append(data, page)
-		if len(pfns) == state.ChunkPages {
-			return flush()
-		}
-		return nil
-	})
-	if err == nil {
-		err = flush()
-	}
-	if err != nil {
-		return nil, err
-	}
-	it.Duration = time.Since(start)
-	it.Bytes = x.conn.BytesSent() - bytes0
-	if it.Duration > 0 {
-		it.Throughput = float64(it.Bytes) / it.Duration.Seconds()
-	}
-	x.rep.PagesSent += it.Pages
-	x.rep.PagesResent += it.Resent
-	return it, nil
-}
-
 func phaseCode(p Phase) wire.Phase {
 	if p == PhaseStopCopy {
 		return wire.PhaseStopCopy
@@ -537,7 +464,7 @@ func (x *sender) handover(dirty []uint64) error {
 		}
 		todo = dirty
 	}
-	it, err := x.sendPass(len(x.rep.Iterations), PhaseStopCopy, todo, skipZero)
+	it, err := x.sendPassPipelined(len(x.rep.Iterations), PhaseStopCopy, todo, skipZero)
 	if err != nil {
 		return err
 	}

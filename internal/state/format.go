@@ -66,8 +66,12 @@ const (
 	// SectionZstd says the payload is a zstd frame; the section's content
 	// is its decompressed form.
 	SectionZstd uint16 = 1 << 1
+	// SectionLZ4 says the payload is the content's length (u32) followed
+	// by one LZ4 block (the LZ4 block format, no frame) holding the
+	// content.
+	SectionLZ4 uint16 = 1 << 2
 
-	sectionFlagsKnown = SectionRequired | SectionZstd
+	sectionFlagsKnown = SectionRequired | SectionZstd | SectionLZ4
 )
 
 // Record tags inside vCPU, irqchip, PIT, clock and devices sections. Tags
@@ -113,7 +117,18 @@ const (
 const (
 	PageZero uint8 = 0 // the page is all zeros; no data follows
 	PageRaw  uint8 = 1 // PageSize bytes of data follow
+	// PageDelta: a u16 length L (at most MaxDeltaLength) and L bytes of
+	// xbzrle delta, applied to the receiver's current content of the page.
+	PageDelta uint8 = 2
+	// PageDup: a u64 page frame number; the page becomes a copy of the
+	// receiver's current content of that page.
+	PageDup uint8 = 3
 )
+
+// MaxDeltaLength bounds a delta record's data, so that a delta record is
+// never longer than a raw one (and a chunk of ChunkPages records of any
+// encoding fits in MaxChunkLength).
+const MaxDeltaLength = PageSize - 2
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 

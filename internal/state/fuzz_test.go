@@ -10,10 +10,12 @@ import (
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/ferry-vmm/ferry/internal/xbzrle"
 )
 
-// fuzzSeeds are small but complete encodings: every section type, a
-// compressed and an uncompressed memory chunk, an unknown optional
+// fuzzSeeds are small but complete encodings: every section type, memory
+// chunks uncompressed, zstd- and lz4-compressed, an unknown optional
 // section.
 func fuzzSeeds(t testing.TB) [][]byte {
 	rng := rand.New(rand.NewPCG(41, 42))
@@ -23,9 +25,10 @@ func fuzzSeeds(t testing.TB) [][]byte {
 	m.Header.CPUIDFingerprint = CPUIDFingerprint(m.VCPUs[0].CPUID)
 	page := bytes.Repeat([]byte("ferry!"), PageSize/6+1)[:PageSize]
 	var seeds [][]byte
-	for _, compress := range []bool{false, true} {
+	for i, opts := range []WriterOptions{{}, {Compress: true}, {Compress: true, Codec: CodecLZ4}} {
+		compress := opts.Compress
 		var buf bytes.Buffer
-		w, err := NewWriter(&buf, m.Header, WriterOptions{Compress: compress})
+		w, err := NewWriter(&buf, m.Header, opts)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -39,7 +42,7 @@ func fuzzSeeds(t testing.TB) [][]byte {
 		if err := w.WritePages(pfns, pages); err != nil {
 			t.Fatal(err)
 		}
-		if !compress {
+		if i == 0 {
 			w.writeSection(sectionTestBase, 0, []byte{1, 2, 3})
 		}
 		if err := w.Close(); err != nil {
@@ -93,6 +96,10 @@ func FuzzPayloads(f *testing.F) {
 				f.Add(uint8(0x80), payload) // compressed: decompress, then decode
 				continue
 			}
+			if sp.typ == SectionMemory && binary.LittleEndian.Uint16(s[sp.start+2:])&SectionLZ4 != 0 {
+				f.Add(uint8(0x81), payload)
+				continue
+			}
 			f.Add(uint8(sp.typ), payload)
 		}
 		hlen := binary.LittleEndian.Uint32(s[12:])
@@ -131,10 +138,16 @@ func FuzzPayloads(f *testing.F) {
 					t.Fatalf("devices do not round-trip: %v", err)
 				}
 			}
-		case uint8(SectionMemory), 0x80:
-			if kind == 0x80 {
+		case uint8(SectionMemory), 0x80, 0x81:
+			if kind != uint8(SectionMemory) {
 				r := &Reader{}
-				out, err := r.decompress(p)
+				var out []byte
+				var err error
+				if kind == 0x80 {
+					out, err = r.decompress(p)
+				} else {
+					out, err = r.decompressLZ4(p)
+				}
 				r.closeDecoder()
 				if err != nil {
 					return
@@ -144,12 +157,35 @@ func FuzzPayloads(f *testing.F) {
 				}
 				p = out
 			}
-			decodeChunk(p, regions, func(gpa uint64, data []byte) error {
-				if len(data) != PageSize || regionOf(regions, gpa) < 0 {
-					t.Fatalf("bad page %#x (%d bytes)", gpa, len(data))
-				}
-				return nil
-			})
+			for _, refs := range []bool{false, true} {
+				parseChunk(p, regions, refs, func(r pageRecord) error {
+					if regionOf(regions, r.gpa) < 0 || r.gpa%PageSize != 0 {
+						t.Fatalf("bad page %#x", r.gpa)
+					}
+					switch r.enc {
+					case PageZero, PageRaw:
+						if len(r.data) != PageSize {
+							t.Fatalf("page %#x: %d bytes", r.gpa, len(r.data))
+						}
+					case PageDelta, PageDup:
+						if !refs {
+							t.Fatalf("page %#x: encoding %d accepted without memory", r.gpa, r.enc)
+						}
+						if r.enc == PageDelta && (len(r.data) > MaxDeltaLength || xbzrle.Check(r.data, PageSize) != nil) {
+							t.Fatalf("page %#x: bad delta accepted", r.gpa)
+						}
+						if r.enc == PageDup && r.from >= 2<<20 {
+							t.Fatalf("page %#x: dup source offset %#x", r.gpa, r.from)
+						}
+					default:
+						t.Fatalf("page %#x: encoding %d", r.gpa, r.enc)
+					}
+					if r.off >= 2<<20 {
+						t.Fatalf("page %#x: offset %#x", r.gpa, r.off)
+					}
+					return nil
+				})
+			}
 		case 0xf0:
 			if h, err := decodeHeader(p); err == nil && validateHeader(&h) == nil {
 				h2, err := decodeHeader(encodeHeader(&h))

@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"hash"
 	"slices"
+	"strings"
 
 	"github.com/ferry-vmm/ferry/internal/guestmem"
+	"github.com/ferry-vmm/ferry/internal/xbzrle"
 )
 
 // zeroPage is a page of zeros: the comparison operand for zero-page
@@ -119,9 +121,36 @@ func SummarizeMemory(mem []byte, regions []guestmem.Region) (MemorySummary, erro
 	return h.summary(size), nil
 }
 
-// decodeChunk parses a memory chunk payload, checking every page against
-// the layout before handing it to page.
-func decodeChunk(p []byte, regions []guestmem.Region, page func(gpa uint64, data []byte) error) (uint64, error) {
+// pageRecord is one page record of a memory chunk, checked against the
+// memory layout.
+type pageRecord struct {
+	enc  uint8
+	gpa  uint64 // the page
+	off  uint64 // its offset in the memory file
+	data []byte // raw: the page's PageSize bytes; delta: the xbzrle delta
+	from uint64 // dup: the memory-file offset of the page to copy
+}
+
+// errNeedsMemory refuses delta and dup records where there is no memory
+// to apply them to.
+const errNeedsMemory = "delta and dup records need the receiver's memory (they are only valid on the migration wire, applied with ApplyPageChunk)"
+
+// layoutOffset returns the memory-file offset of the page at gpa, or false
+// when it is outside the layout.
+func layoutOffset(regions []guestmem.Region, gpa uint64) (uint64, bool) {
+	i := regionOf(regions, gpa)
+	if i < 0 {
+		return 0, false
+	}
+	return regions[i].Offset + (gpa - regions[i].GPA), true
+}
+
+// parseChunk parses a memory chunk's content, checking every record
+// against the layout (a dup's source page too) and every delta's
+// well-formedness before handing the record to rec, in order. Delta and
+// dup records are refused unless refs is set. rec's error ends the parse
+// and is returned as is.
+func parseChunk(p []byte, regions []guestmem.Region, refs bool, rec func(r pageRecord) error) (uint64, error) {
 	if len(p) < 4 {
 		return 0, fmt.Errorf("payload of %d bytes has no record count", len(p))
 	}
@@ -130,34 +159,69 @@ func decodeChunk(p []byte, regions []guestmem.Region, page func(gpa uint64, data
 		return 0, fmt.Errorf("%d page records, 1 to %d allowed", n, ChunkPages)
 	}
 	p = p[4:]
+	var r pageRecord
 	for i := uint32(0); i < n; i++ {
 		if len(p) < pageRecordHeader {
 			return 0, fmt.Errorf("page record %d: %d bytes left, a record header needs %d", i, len(p), pageRecordHeader)
 		}
 		pfn := le.Uint64(p)
-		enc := p[8]
+		r = pageRecord{enc: p[8]}
 		p = p[pageRecordHeader:]
 		if pfn > ^uint64(0)/PageSize {
 			return 0, fmt.Errorf("page record %d: page frame number %#x out of range", i, pfn)
 		}
-		gpa := pfn * PageSize
-		if regionOf(regions, gpa) < 0 {
-			return 0, fmt.Errorf("page record %d: guest-physical address %#x is outside the memory layout", i, gpa)
+		r.gpa = pfn * PageSize
+		var ok bool
+		if r.off, ok = layoutOffset(regions, r.gpa); !ok {
+			return 0, fmt.Errorf("page record %d: guest-physical address %#x is outside the memory layout", i, r.gpa)
 		}
-		var data []byte
-		switch enc {
+		switch r.enc {
 		case PageZero:
-			data = zeroPage[:]
+			r.data = zeroPage[:]
 		case PageRaw:
 			if len(p) < PageSize {
-				return 0, fmt.Errorf("page record %d (gpa %#x): %d bytes of data, %d expected", i, gpa, len(p), PageSize)
+				return 0, fmt.Errorf("page record %d (gpa %#x): %d bytes of data, %d expected", i, r.gpa, len(p), PageSize)
 			}
-			data = p[:PageSize:PageSize]
+			r.data = p[:PageSize:PageSize]
 			p = p[PageSize:]
+		case PageDelta, PageDup:
+			if !refs {
+				return 0, fmt.Errorf("page record %d (gpa %#x): %s", i, r.gpa, errNeedsMemory)
+			}
+			if r.enc == PageDup {
+				if len(p) < 8 {
+					return 0, fmt.Errorf("page record %d (gpa %#x): dup record: %d bytes left, the source page frame number needs 8", i, r.gpa, len(p))
+				}
+				from := le.Uint64(p)
+				p = p[8:]
+				if from > ^uint64(0)/PageSize {
+					return 0, fmt.Errorf("page record %d (gpa %#x): dup source page frame number %#x out of range", i, r.gpa, from)
+				}
+				if r.from, ok = layoutOffset(regions, from*PageSize); !ok {
+					return 0, fmt.Errorf("page record %d (gpa %#x): dup source guest-physical address %#x is outside the memory layout", i, r.gpa, from*PageSize)
+				}
+				break
+			}
+			if len(p) < 2 {
+				return 0, fmt.Errorf("page record %d (gpa %#x): delta record: %d bytes left, the delta length needs 2", i, r.gpa, len(p))
+			}
+			l := int(le.Uint16(p))
+			p = p[2:]
+			if l > MaxDeltaLength {
+				return 0, fmt.Errorf("page record %d (gpa %#x): delta of %d bytes, at most %d allowed", i, r.gpa, l, MaxDeltaLength)
+			}
+			if len(p) < l {
+				return 0, fmt.Errorf("page record %d (gpa %#x): %d bytes of delta, %d expected", i, r.gpa, len(p), l)
+			}
+			r.data = p[:l:l]
+			p = p[l:]
+			if err := xbzrle.Check(r.data, PageSize); err != nil {
+				return 0, fmt.Errorf("page record %d (gpa %#x): bad delta: %s", i, r.gpa, strings.TrimPrefix(err.Error(), "xbzrle: "))
+			}
 		default:
-			return 0, fmt.Errorf("page record %d (gpa %#x): unknown encoding %d", i, gpa, enc)
+			return 0, fmt.Errorf("page record %d (gpa %#x): unknown encoding %d", i, r.gpa, r.enc)
 		}
-		if err := page(gpa, data); err != nil {
+		if err := rec(r); err != nil {
 			return 0, err
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"slices"
 
 	"github.com/klauspost/compress/zstd"
+	"github.com/pierrec/lz4/v4"
 
 	"github.com/ferry-vmm/ferry/internal/guestmem"
 )
@@ -42,16 +43,21 @@ type Reader struct {
 	h    Header
 	off  int64 // bytes consumed
 
-	index    int    // index of the section being read
-	crcs     uint32 // CRC32C over the CRCs of the sections read
-	pages    uint64 // page records read
-	buf      []byte // section being read
-	dbuf     []byte // decompressed payload
+	index    int           // index of the section being read
+	crcs     uint32        // CRC32C over the CRCs of the sections read
+	pages    uint64        // page records read
+	stored   [crcSize]byte // CRC of the section being read
+	buf      []byte        // section being read
+	dbuf     []byte        // decompressed payload
 	dec      *zstd.Decoder
 	mem      *memHasher
 	finished bool
 	started  bool
 	cbErr    error
+
+	// content, when set, takes a memory chunk's content in place of the
+	// page callback (ApplyPageChunk) and returns its record count.
+	content func(payload []byte) (uint64, error)
 
 	// mode says what the input holds: a whole stream (NewReader), or
 	// only the machine sections (DecodeMachine) or one memory chunk
@@ -286,7 +292,7 @@ func (r *Reader) section(m *Machine, page func(uint64, []byte) error, have *pres
 		return false, err
 	}
 	name = sectionName(typ, payload)
-	var stored [crcSize]byte
+	stored := &r.stored
 	if err := r.read(stored[:], idx, name); err != nil {
 		return false, err
 	}
@@ -319,12 +325,20 @@ func (r *Reader) section(m *Machine, page func(uint64, []byte) error, have *pres
 	if f := flags &^ sectionFlagsKnown; f != 0 {
 		return false, fail("unknown section flags %#04x", f)
 	}
-	if flags&SectionZstd != 0 {
-		if typ != SectionMemory {
+	if c := flags & (SectionZstd | SectionLZ4); c != 0 {
+		switch {
+		case typ != SectionMemory:
 			return false, fail("compression flag set on a section that cannot be compressed")
-		}
-		if payload, err = r.decompress(payload); err != nil {
-			return false, fail("zstd: %v", err)
+		case c == SectionZstd:
+			if payload, err = r.decompress(payload); err != nil {
+				return false, fail("zstd: %v", err)
+			}
+		case c == SectionLZ4:
+			if payload, err = r.decompressLZ4(payload); err != nil {
+				return false, fail("lz4: %v", err)
+			}
+		default:
+			return false, fail("both the zstd and the lz4 flag are set")
 		}
 	}
 
@@ -381,15 +395,23 @@ func (r *Reader) section(m *Machine, page func(uint64, []byte) error, have *pres
 		}
 		warnTags(ws)
 	case SectionMemory:
+		if r.content != nil {
+			n, err := r.content(payload)
+			if err != nil {
+				return false, fail("%v", err)
+			}
+			r.pages += n
+			break
+		}
 		r.cbErr = nil
-		n, err := decodeChunk(payload, r.h.Regions, func(gpa uint64, data []byte) error {
+		n, err := parseChunk(payload, r.h.Regions, false, func(rec pageRecord) error {
 			if r.mem != nil {
-				r.mem.add(gpa, data)
+				r.mem.add(rec.gpa, rec.data)
 			}
 			if page == nil {
 				return nil
 			}
-			if err := page(gpa, data); err != nil {
+			if err := page(rec.gpa, rec.data); err != nil {
 				r.cbErr = err
 				return err
 			}
@@ -409,7 +431,7 @@ func (r *Reader) section(m *Machine, page func(uint64, []byte) error, have *pres
 	return false, nil
 }
 
-func (r *Reader) countSection(crc [crcSize]byte) {
+func (r *Reader) countSection(crc *[crcSize]byte) {
 	r.crcs = crc32.Update(r.crcs, castagnoli, crc[:])
 }
 
@@ -474,6 +496,41 @@ func (r *Reader) decompress(p []byte) ([]byte, error) {
 	}
 	if len(out) > MaxChunkLength {
 		return nil, fmt.Errorf("decompressed length exceeds %d", MaxChunkLength)
+	}
+	return out, nil
+}
+
+// decompressLZ4 inflates an lz4-compressed memory chunk (the content's
+// u32 length, then one LZ4 block) into r.dbuf. The declared length is
+// checked against the chunk limit and against what the block can possibly
+// hold (an LZ4 block expands its input at most 255 times) before the
+// buffer is grown, and the block must decompress to exactly that length.
+func (r *Reader) decompressLZ4(p []byte) ([]byte, error) {
+	if len(p) < 4 {
+		return nil, fmt.Errorf("payload of %d bytes has no content length", len(p))
+	}
+	n := uint64(le.Uint32(p))
+	block := p[4:]
+	switch {
+	case n == 0:
+		// (Never hand the lz4 decoder an empty destination: its amd64
+		// code writes through a nil one.)
+		return nil, errors.New("content length 0")
+	case n > MaxChunkLength:
+		return nil, fmt.Errorf("content length %d exceeds the limit of %d", n, MaxChunkLength)
+	case n > 255*uint64(len(block)):
+		return nil, fmt.Errorf("content length %d is impossible for a block of %d bytes", n, len(block))
+	}
+	if uint64(cap(r.dbuf)) < n {
+		r.dbuf = make([]byte, 0, max(n, MaxChunkLength))
+	}
+	out := r.dbuf[:n]
+	got, err := lz4.UncompressBlock(block, out)
+	if err != nil {
+		return nil, fmt.Errorf("corrupt block (content length %d): %v", n, err)
+	}
+	if uint64(got) != n {
+		return nil, fmt.Errorf("block decompresses to %d bytes, the content length says %d", got, n)
 	}
 	return out, nil
 }

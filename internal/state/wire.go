@@ -125,7 +125,9 @@ func checkDecodeHeader(h Header) (Header, error) {
 // the chunk is zstd-compressed at level (1-22 as the zstd tool counts, 0
 // for the fastest) when that makes it smaller. There is no header to check
 // the page frames against: DecodePageChunk does. EncodePageChunk is safe
-// for concurrent use.
+// for concurrent use. (It is ChunkEncoder's Raw records with a pool of
+// encoders; a migration engine that wants delta and dup records, lz4, or
+// no copy of the result uses a ChunkEncoder per worker.)
 func EncodePageChunk(pfns []uint64, data [][]byte, compress bool, level int) ([]byte, error) {
 	if len(pfns) != len(data) {
 		return nil, fmt.Errorf("state: %d page frame numbers for %d pages", len(pfns), len(data))
@@ -141,47 +143,50 @@ func EncodePageChunk(pfns []uint64, data [][]byte, compress bool, level int) ([]
 			return nil, fmt.Errorf("state: page frame %#x out of range", pfn)
 		}
 	}
-	var lvl zstd.EncoderLevel
+	pool := &chunkEncoders[0]
 	if compress {
-		var err error
-		if lvl, err = zstdLevel(level); err != nil {
-			return nil, err
-		}
-	}
-	sec := make([]byte, sectionHeaderSize+4, sectionHeaderSize+4+len(pfns)*(pageRecordHeader+PageSize)+crcSize)
-	for i, pfn := range pfns {
-		d := data[i]
-		if isZeroPage(d) {
-			d = nil
-		}
-		sec = appendPageRecord(sec, pfn, d)
-	}
-	le.PutUint32(sec[sectionHeaderSize:], uint32(len(pfns)))
-	flags := SectionRequired
-	if compress {
-		enc, err := getChunkEncoder(lvl)
+		lvl, err := zstdLevel(level)
 		if err != nil {
 			return nil, err
 		}
-		zbuf := make([]byte, sectionHeaderSize, sectionHeaderSize+len(sec)/2+crcSize)
-		sec, flags, _ = compressChunk(enc, sec, zbuf)
-		putChunkEncoder(lvl, enc)
+		pool = &chunkEncoders[lvl]
 	}
-	out, _, err := sealSection(SectionMemory, flags, sec)
-	return out, err
+	e, ok := pool.Get().(*ChunkEncoder)
+	if !ok {
+		var err error
+		if !compress {
+			e, err = NewChunkEncoder(CodecNone, 0)
+		} else {
+			e, err = NewChunkEncoder(CodecZstd, level)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	defer pool.Put(e)
+	e.Reset()
+	for i, pfn := range pfns {
+		e.Raw(pfn, data[i])
+	}
+	out, err := e.Finish()
+	if err != nil {
+		return nil, err
+	}
+	return bytes.Clone(out), nil
 }
 
 // DecodePageChunk decodes one memory chunk section produced by
 // EncodePageChunk (or cut from a stream) for a stream with header h, and
 // hands each page record to page in order, with its guest-physical address
-// and 4096 bytes of data (a zero record's data is zeros). The data is
-// valid only during the call and must not be modified. b must hold exactly
-// one memory chunk. Validation, bounds and error messages are the
-// Reader's (the chunk is section 0); a page outside h's memory layout is
-// refused before page sees it, and page's error ends the decoding and is
-// returned wrapped. page may be nil. It returns the number of page records;
-// pages already handed over when an error occurs must be discarded.
-// DecodePageChunk is safe for concurrent use.
+// and 4096 bytes of data (a zero record's data is zeros); delta and dup
+// records are refused, as they need the receiver's memory (see
+// ApplyPageChunk). The data is valid only during the call and must not be
+// modified. b must hold exactly one memory chunk. Validation, bounds and
+// error messages are the Reader's (the chunk is section 0); a page outside
+// h's memory layout is refused before page sees it, and page's error ends
+// the decoding and is returned wrapped. page may be nil. It returns the
+// number of page records; pages already handed over when an error occurs
+// must be discarded. DecodePageChunk is safe for concurrent use.
 func DecodePageChunk(b []byte, h Header, page func(gpa uint64, data []byte) error) (n int, err error) {
 	return decodePageChunk(b, h, page, false)
 }
@@ -234,16 +239,9 @@ var sharedChunkDecoder = sync.OnceValues(func() (*zstd.Decoder, error) {
 	return newChunkDecoder(min(runtime.GOMAXPROCS(0), 16))
 })
 
-// chunkEncoders pools EncodePageChunk's zstd encoders by level. An encoder
-// at the stronger levels holds tens of MiB of tables, so they are made
-// only as concurrent use requires and the pool lets idle ones go.
+// chunkEncoders pools EncodePageChunk's chunk encoders: uncompressed at 0,
+// zstd by encoder level (levels that map to the same encoder level
+// compress identically). An encoder at the stronger zstd levels holds tens
+// of MiB of tables, so they are made only as concurrent use requires and
+// the pool lets idle ones go.
 var chunkEncoders [zstd.SpeedBestCompression + 1]sync.Pool
-
-func getChunkEncoder(level zstd.EncoderLevel) (*zstd.Encoder, error) {
-	if e, ok := chunkEncoders[level].Get().(*zstd.Encoder); ok {
-		return e, nil
-	}
-	return newChunkEncoder(level)
-}
-
-func putChunkEncoder(level zstd.EncoderLevel, e *zstd.Encoder) { chunkEncoders[level].Put(e) }

@@ -5,6 +5,8 @@ import (
 	"math/rand/v2"
 	"reflect"
 	"testing"
+
+	"github.com/ferry-vmm/ferry/internal/guestmem"
 )
 
 // fuzzWireMachine is the small machine the wire fuzzers decode against.
@@ -83,6 +85,10 @@ func FuzzDecodePageChunk(f *testing.F) {
 		}
 		f.Add(b)
 	}
+	// lz4, and the records DecodePageChunk refuses.
+	for _, s := range fuzzApplySeeds(f) {
+		f.Add(s)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		for _, skip := range []bool{false, true} {
 			var pfns []uint64
@@ -116,6 +122,101 @@ func FuzzDecodePageChunk(f *testing.F) {
 				return nil
 			}); err != nil || i != n {
 				t.Fatalf("skip %v: re-encoded chunk: %v after %d pages", skip, err, i)
+			}
+		}
+	})
+}
+
+// fuzzApplyLayout is the small layout FuzzApplyPageChunk applies chunks
+// to: 16 pages at 0 and 16 at 4 GiB, with a guard page after each in the
+// memory image that no chunk may touch.
+func fuzzApplyLayout() (regions []guestmem.Region, memSize int, guards []int) {
+	return []guestmem.Region{
+		{GPA: 0, Size: 16 * PageSize, Offset: 0},
+		{GPA: 1 << 32, Size: 16 * PageSize, Offset: 17 * PageSize},
+	}, 34 * PageSize, []int{16 * PageSize, 33 * PageSize}
+}
+
+// fuzzApplySeeds are small chunks of every record encoding in every codec,
+// for pages of fuzzApplyLayout.
+func fuzzApplySeeds(t testing.TB) [][]byte {
+	rng := rand.New(rand.NewPCG(87, 88))
+	text := bytes.Repeat([]byte("ferry!"), PageSize/6+1)[:PageSize]
+	old := bytes.Clone(text)
+	for i := 100; i < 4000; i += 301 {
+		old[i] ^= 0x21
+	}
+	var seeds [][]byte
+	for _, name := range []string{"none", "zstd", "lz4", "lz4:hc"} {
+		codec, level, err := ParseCodec(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := NewChunkEncoder(codec, level)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.Raw(1, text)
+		e.Raw(1<<20+3, text)
+		e.Zero(2)
+		e.Page(3, old, text)
+		e.Dup(4, 1<<20+3)
+		e.Raw(5, randBytes(rng, PageSize))
+		b, err := e.Finish()
+		if err != nil {
+			t.Fatal(err)
+		}
+		seeds = append(seeds, bytes.Clone(b))
+		e.Close()
+	}
+	return seeds
+}
+
+// FuzzApplyPageChunk applies arbitrary chunks to a small memory image: it
+// must never panic, never write outside the layout's pages, leave memory
+// untouched when it refuses a chunk (with a FormatError), and agree with
+// DecodePageChunk on chunks of raw and zero records.
+func FuzzApplyPageChunk(f *testing.F) {
+	for _, s := range fuzzApplySeeds(f) {
+		f.Add(s)
+	}
+	regions, size, guards := fuzzApplyLayout()
+	h := fuzzWireMachine().Header
+	h.Regions, h.MemSize = regions, uint64(size)
+	rng := rand.New(rand.NewPCG(89, 90))
+	base := randBytes(rng, size)
+	var dec ChunkDecoder
+	f.Fuzz(func(t *testing.T, data []byte) {
+		for _, skip := range []bool{false, true} {
+			mem := bytes.Clone(base)
+			n, err := dec.apply(data, regions, mem, skip)
+			for _, g := range guards {
+				if !bytes.Equal(mem[g:g+PageSize], base[g:g+PageSize]) {
+					t.Fatalf("skip %v: guard page at %#x written", skip, g)
+				}
+			}
+			if err != nil {
+				if _, ok := err.(*FormatError); !ok {
+					t.Fatalf("skip %v: error of type %T: %v", skip, err, err)
+				}
+				if !bytes.Equal(mem, base) {
+					t.Fatalf("skip %v: refused chunk changed memory: %v", skip, err)
+				}
+				continue
+			}
+			if n < 1 || n > ChunkPages {
+				t.Fatalf("skip %v: %d records", skip, n)
+			}
+			// A chunk DecodePageChunk accepts too has only raw and zero
+			// records: laying its pages out gives the same memory.
+			want := bytes.Clone(base)
+			m, derr := decodePageChunk(data, h, func(gpa uint64, d []byte) error {
+				off, _ := layoutOffset(regions, gpa)
+				copy(want[off:off+PageSize], d)
+				return nil
+			}, skip)
+			if derr == nil && (m != n || !bytes.Equal(want, mem)) {
+				t.Fatalf("skip %v: ApplyPageChunk and DecodePageChunk disagree", skip)
 			}
 		}
 	})

@@ -14,12 +14,18 @@ import (
 
 // WriterOptions configures a Writer.
 type WriterOptions struct {
-	// Compress zstd-compresses memory chunks (each chunk on its own; a
-	// chunk that does not shrink is stored raw).
+	// Compress compresses memory chunks (each chunk on its own; a chunk
+	// that does not shrink is stored raw), with zstd unless Codec says
+	// otherwise.
 	Compress bool
-	// Level is the zstd level (1-22, as the zstd tool counts) when
-	// Compress is set; 0 means the fastest level.
+	// Level is the codec's level when Compress is set: the zstd level
+	// (1-22, as the zstd tool counts; 0 means the fastest) or the lz4 level
+	// (see ParseCodec).
 	Level int
+	// Codec is the codec when Compress is set: CodecLZ4 for lz4; CodecZstd
+	// and the zero value CodecNone mean zstd. (Readers that predate the
+	// lz4 flag refuse lz4-compressed chunks.)
+	Codec Codec
 }
 
 // MemoryStats reports what WriteMemory or WritePages wrote.
@@ -50,7 +56,7 @@ func (s *MemoryStats) add(o MemoryStats) {
 type Writer struct {
 	w       io.Writer
 	h       Header
-	enc     *zstd.Encoder
+	enc     *ChunkEncoder
 	err     error
 	closed  bool
 	machine bool
@@ -59,11 +65,8 @@ type Writer struct {
 	pages    uint64 // page records written so far
 	crcs     uint32 // CRC32C over the CRCs of the sections written so far
 
-	chunk  []byte // section being assembled: header room, record count, records
-	chunkN int    // page records in chunk
-	zbuf   []byte // compressed chunk
-	stats  MemoryStats
-	total  MemoryStats
+	stats MemoryStats
+	total MemoryStats
 }
 
 // NewWriter validates h, writes the file header and returns a Writer. The
@@ -78,18 +81,18 @@ func NewWriter(w io.Writer, h Header, opts WriterOptions) (*Writer, error) {
 	if opts.Compress {
 		h.Flags |= FlagMemoryCompressed
 	}
-	sw := &Writer{w: w, h: h}
+	codec, level := CodecNone, 0
 	if opts.Compress {
-		level, err := zstdLevel(opts.Level)
-		if err != nil {
-			return nil, err
+		codec, level = CodecZstd, opts.Level
+		if opts.Codec == CodecLZ4 {
+			codec = CodecLZ4
 		}
-		enc, err := newChunkEncoder(level)
-		if err != nil {
-			return nil, err
-		}
-		sw.enc = enc
 	}
+	enc, err := NewChunkEncoder(codec, level)
+	if err != nil {
+		return nil, err
+	}
+	sw := &Writer{w: w, h: h, enc: enc}
 	if _, err := w.Write(appendStreamHeader(nil, &h)); err != nil {
 		sw.closeEncoder()
 		return nil, fmt.Errorf("state: writing header: %w", err)
@@ -288,72 +291,48 @@ func machineSections(m *Machine, emit func(typ uint16, sec []byte) error) error 
 	return emit(SectionDevices, sec)
 }
 
-// addPage appends one page record to the current chunk, flushing the
-// chunk when it is full.
+// addPage adds one page record to the current chunk, flushing the chunk
+// when it is full: a zero record when data is nil, a raw one otherwise.
 func (w *Writer) addPage(pfn uint64, data []byte) error {
-	if w.chunk == nil {
-		w.chunk = make([]byte, sectionHeaderSize+4, sectionHeaderSize+MaxChunkLength+crcSize)
+	if err := w.usable(); err != nil {
+		return err
 	}
-	w.chunk = appendPageRecord(w.chunk, pfn, data)
 	if data == nil {
+		w.enc.Zero(pfn)
 		w.stats.ZeroPages++
 	} else {
+		w.enc.raw(pfn, data)
 		w.stats.DataBytes += PageSize
 	}
-	w.chunkN++
 	w.stats.Pages++
-	if w.chunkN == ChunkPages {
+	if w.enc.Full() {
 		return w.flushChunk()
 	}
 	return nil
 }
 
-// appendPageRecord appends one page record: a zero record when data is
-// nil, a raw one otherwise.
-func appendPageRecord(b []byte, pfn uint64, data []byte) []byte {
-	b = le.AppendUint64(b, pfn)
-	if data == nil {
-		return append(b, PageZero)
-	}
-	b = append(b, PageRaw)
-	return append(b, data...)
-}
-
-// compressChunk compresses the chunk in sec (section header room, then
-// the payload) into zbuf when that makes it smaller. It returns the
-// section to emit with its flags, and the compression buffer (grown if it
-// had to).
-func compressChunk(enc *zstd.Encoder, sec, zbuf []byte) (out []byte, flags uint16, z []byte) {
-	payload := sec[sectionHeaderSize:]
-	z = enc.EncodeAll(payload, zbuf[:sectionHeaderSize])
-	if len(z)-sectionHeaderSize < len(payload) {
-		return z, SectionRequired | SectionZstd, z
-	}
-	return sec, SectionRequired, z
-}
-
 // flushChunk writes the current chunk, compressed if that makes it
 // smaller.
 func (w *Writer) flushChunk() error {
-	if w.chunkN == 0 {
+	if w.enc == nil || w.enc.Len() == 0 {
 		return nil
 	}
-	le.PutUint32(w.chunk[sectionHeaderSize:], uint32(w.chunkN))
-	sec, flags := w.chunk, SectionRequired
-	if w.enc != nil {
-		if w.zbuf == nil {
-			w.zbuf = make([]byte, 0, sectionHeaderSize+MaxChunkLength+crcSize)
-		}
-		sec, flags, w.zbuf = compressChunk(w.enc, w.chunk, w.zbuf)
+	records := w.enc.Len()
+	if err := w.enc.Err(); err != nil {
+		return err
 	}
-	n, err := w.emit(SectionMemory, flags, sec)
+	sec, flags, err := w.enc.finishPayload()
 	if err != nil {
 		return err
 	}
-	w.pages += uint64(w.chunkN)
+	n, err := w.emit(SectionMemory, flags, sec)
+	w.enc.Reset()
+	if err != nil {
+		return err
+	}
+	w.pages += uint64(records)
 	w.stats.Chunks++
 	w.stats.StoredBytes += uint64(n)
-	w.chunk, w.chunkN = w.chunk[:sectionHeaderSize+4], 0
 	return nil
 }
 

@@ -126,8 +126,8 @@ func TestMessageValidation(t *testing.T) {
 		msg  Msg
 		want string
 	}{
-		{hello(func(h *Hello) { h.MinVersion = 0 }), "protocol versions 0 to 2"},
-		{hello(func(h *Hello) { h.MinVersion = 3 }), "protocol versions 3 to 2"},
+		{hello(func(h *Hello) { h.MinVersion = 0 }), "protocol versions 0 to 3"},
+		{hello(func(h *Hello) { h.MinVersion = 4 }), "protocol versions 4 to 3"},
 		{hello(func(h *Hello) { h.MigrationID = [16]byte{} }), "migration id is zero"},
 		{hello(func(h *Hello) { h.FerryVersion = "" }), "ferry version is empty"},
 		{hello(func(h *Hello) { h.VMName = "a\x1bb" }), `vm name "a\x1bb": character '\x1b' not allowed`},
@@ -223,13 +223,13 @@ func TestNegotiation(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// A newer source that no longer speaks version 1 or 2.
-	h.MinVersion, h.ProtocolVersion = 3, 4
+	// A newer source that no longer speaks versions 1 to 3.
+	h.MinVersion, h.ProtocolVersion = 4, 5
 	w, r = Negotiate(h, "0.4.0")
 	if w != nil || r == nil || r.Code != RefuseVersion {
 		t.Fatalf("no common version: %+v %+v", w, r)
 	}
-	want := "the destination (ferry 0.4.0) refused the migration (version mismatch): no common protocol version: the source (ferry 0.4.0-test) speaks 3 to 4, this destination (ferry 0.4.0) 1 to 2"
+	want := "the destination (ferry 0.4.0) refused the migration (version mismatch): no common protocol version: the source (ferry 0.4.0-test) speaks 4 to 5, this destination (ferry 0.4.0) 1 to 3"
 	if r.Error() != want {
 		t.Errorf("refusal:\n got %s\nwant %s", r.Error(), want)
 	}

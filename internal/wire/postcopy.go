@@ -19,6 +19,11 @@ import (
 // PostcopyVersion is the lowest protocol version with post-copy.
 const PostcopyVersion = 2
 
+// EncodingsVersion is the lowest protocol version whose Pages chunks may
+// be lz4-compressed and hold delta and dup records (state format
+// encodings 2 and 3).
+const EncodingsVersion = 3
+
 // MaxPageRanges bounds the ranges of a Postcopy or Attached message.
 const MaxPageRanges = 1 << 22
 

@@ -62,7 +62,7 @@ const (
 
 // Protocol versions this package speaks (negotiated by Hello and Welcome).
 const (
-	ProtocolVersion    = 2
+	ProtocolVersion    = 3
 	MinProtocolVersion = 1
 )
 

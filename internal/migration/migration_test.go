@@ -26,7 +26,7 @@ type guest struct {
 	raw *testguest.Console
 }
 
-func bootGuest(t *testing.T, mem uint64, cpus int, cmdline string) *guest {
+func bootGuest(t testing.TB, mem uint64, cpus int, cmdline string) *guest {
 	t.Helper()
 	testguest.RequireKVM(t)
 	raw := &testguest.Console{}
@@ -43,7 +43,7 @@ func bootGuest(t *testing.T, mem uint64, cpus int, cmdline string) *guest {
 }
 
 // beats waits until the guest printed n more heartbeats per CPU.
-func (g *guest) beats(t *testing.T, n int) {
+func (g *guest) beats(t testing.TB, n int) {
 	t.Helper()
 	start := map[uint64]int{}
 	for _, l := range g.con.Lines() {
@@ -77,7 +77,7 @@ func (g *guest) beats(t *testing.T, n int) {
 }
 
 // clean fails the test if the guest reported any corruption.
-func (g *guest) clean(t *testing.T, what string) {
+func (g *guest) clean(t testing.TB, what string) {
 	t.Helper()
 	s := g.raw.Summary()
 	if len(s.Failures) > 0 || len(s.Exceptions) > 0 || s.ExitErrors > 0 {
@@ -98,7 +98,7 @@ type migrateResult struct {
 }
 
 // migrate moves g over TCP loopback (through proxy if given) to a new VM.
-func migrate(t *testing.T, g *guest, opts Options, proxy func(client, server net.Conn), hook func(*Source)) migrateResult {
+func migrate(t testing.TB, g *guest, opts Options, proxy func(client, server net.Conn), hook func(*Source)) migrateResult {
 	return migrateWith(t, g, opts, migrateSetup{proxy: proxy, hook: hook})
 }
 
@@ -137,7 +137,7 @@ func (w wrapListener) Accept() (net.Conn, error) {
 
 // migrateWith moves g to a new VM as setup says, and waits until both
 // sides are done (post-copy included).
-func migrateWith(t *testing.T, g *guest, opts Options, setup migrateSetup) migrateResult {
+func migrateWith(t testing.TB, g *guest, opts Options, setup migrateSetup) migrateResult {
 	t.Helper()
 	tcp, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -212,18 +212,18 @@ func migrateWith(t *testing.T, g *guest, opts Options, setup migrateSetup) migra
 }
 
 // testLog sends a side's log to the test's.
-func testLog(t *testing.T, side string) *slog.Logger {
+func testLog(t testing.TB, side string) *slog.Logger {
 	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})).With("side", side)
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
 	return len(p), nil
 }
 
-func logReport(t *testing.T, r *Report) {
+func logReport(t testing.TB, r *Report) {
 	var b strings.Builder
 	r.WriteTable(&b)
 	t.Log("\n" + b.String())
@@ -247,7 +247,7 @@ func TestMigrateVerifyGuest(t *testing.T) {
 // checkMoved checks a completed migration of g: the guest runs on at the
 // destination and verifies clean, the destination's machine equals what
 // the source sent, and the source VM was released.
-func checkMoved(t *testing.T, g *guest, res migrateResult) {
+func checkMoved(t testing.TB, g *guest, res migrateResult) {
 	t.Helper()
 	res.dst.beats(t, 20)
 	res.dst.clean(t, "destination")

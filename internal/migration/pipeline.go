@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferry-vmm/ferry/internal/guestmem"
@@ -57,6 +58,9 @@ type pipeline struct {
 	pageHash  map[uint64][16]byte // pfn → hash of the content last sent
 	seeds     [2]maphash.Seed
 	snaps     chan []byte // free snapshot buffers
+	// starved is set while the writer waits for a worker: compression,
+	// not the link, is then the limit.
+	starved atomic.Bool
 }
 
 func newPipeline(x *sender) (*pipeline, error) {
@@ -110,9 +114,9 @@ func (p *pipeline) encode(enc, plain *state.ChunkEncoder) {
 	defer plain.Close()
 	for j := range p.work {
 		e := enc
-		// The writer has nothing queued: compression is what holds the
-		// link back, so this chunk goes as it is.
-		if p.x.Opts.Codec != state.CodecNone && len(p.order) == 0 {
+		// The writer is waiting for the workers: compression is what
+		// holds the link back, so this chunk goes as it is.
+		if p.x.Opts.Codec != state.CodecNone && p.starved.Load() {
 			e, j.plain = plain, true
 		}
 		e.Reset()
@@ -283,7 +287,13 @@ func (p *pipeline) forget(pfn uint64) {
 func (x *sender) writeChunks(ctx context.Context, cancel context.CancelCauseFunc, it *Iteration, start time.Time, bytes0 uint64) error {
 	var failed error
 	for j := range x.pipe.order {
-		<-j.done
+		select {
+		case <-j.done:
+		default:
+			x.pipe.starved.Store(true)
+			<-j.done
+			x.pipe.starved.Store(false)
+		}
 		x.pipe.freeSnap(j.snap)
 		if failed != nil {
 			continue // drain: the producer must not block

@@ -119,15 +119,16 @@ func BenchmarkPrediction(b *testing.B) {
 		name, cmdline string
 		mem           uint64
 		link          int64
+		warm          int // heartbeats per CPU before the migration (the guest reaches its steady state)
 	}{
-		{"verify-1gbit", "workload=verify size=64M", 256 << 20, benchLink},
-		{"dirty100M-1gbit", "workload=dirty size=256M rate=100M pattern=random", 1 << 30, benchLink},
-		{"dirtyfull-40MiB", "workload=dirty size=64M pattern=random", 256 << 20, 40 << 20},
+		{"verify-1gbit", "workload=verify size=64M", 256 << 20, benchLink, 3},
+		{"dirty100M-1gbit", "workload=dirty size=256M rate=100M pattern=random", 1 << 30, benchLink, 30},
+		{"dirtyfull-40MiB", "workload=dirty size=64M pattern=random", 256 << 20, 40 << 20, 3},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			for range b.N {
 				g := bootGuest(b, c.mem, 2, c.cmdline)
-				g.beats(b, 3)
+				g.beats(b, c.warm)
 				res := migrate(b, g, Options{Mode: ModeAuto, Bandwidth: c.link}, nil, nil)
 				if res.err != nil || res.dstErr != nil || res.dstEnd != nil {
 					b.Fatalf("source %v, destination %v / %v", res.err, res.dstErr, res.dstEnd)

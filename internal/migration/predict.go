@@ -355,8 +355,12 @@ func (x *sender) decideAfterFirstPass(it *Iteration, dirtied int) bool {
 			profile.Rate = float64(dirtied) * guestmem.PageSize / it.Duration.Seconds()
 		}
 	}
+	// The first pass sent every page with data as it was then (the
+	// guest may have written new ones since the sample).
+	sampled := *profile
+	sampled.DataPages = it.Pages
 	opts := x.Opts
-	pr := Predict(profile, bw, opts)
+	pr := Predict(&sampled, bw, opts)
 	// The first pass is done: what remains is predicted from here, and
 	// the pass itself is added to each estimate that includes it.
 	x.rep.Prediction = pr

@@ -398,6 +398,7 @@ func (x *sender) precopy() error {
 		lastRemaining = remaining
 		elapsed := time.Since(precopyStart)
 		toPostcopy := false
+		autoPostcopy := iter == 0 && x.decideAfterFirstPass(it, n)
 		switch {
 		case bw > 0 && time.Duration(remaining/bw*float64(time.Second)) <= x.Opts.DowntimeLimit:
 			x.rep.SwitchReason = SwitchConverged
@@ -405,7 +406,7 @@ func (x *sender) precopy() error {
 			x.rep.SwitchReason, toPostcopy = SwitchHybridPasses, true
 		case x.Opts.Mode == ModeHybrid && x.Opts.PrecopyTime > 0 && elapsed >= x.Opts.PrecopyTime:
 			x.rep.SwitchReason, toPostcopy = SwitchHybridTime, true
-		case iter == 0 && x.decideAfterFirstPass(it, n):
+		case autoPostcopy:
 			x.rep.SwitchReason, toPostcopy = SwitchAutoPostcopy, true
 		case x.postcopyOnStall() && stalls >= 2:
 			x.rep.SwitchReason, toPostcopy = SwitchStalled, true

@@ -279,6 +279,9 @@ two seconds.`,
 				return errors.New("--to ADDR is required")
 			}
 			p.Mode, p.Bandwidth = mode, bw
+			if p.DirtyLimit, err = parseBandwidth(cmd.Flag("dirty-limit").Value.String()); err != nil {
+				return fmt.Errorf("--dirty-limit: %w", err)
+			}
 			if dc, err := units.ParseBytes(cmd.Flag("delta-cache").Value.String()); err != nil {
 				return fmt.Errorf("--delta-cache: %w", err)
 			} else {
@@ -315,6 +318,9 @@ two seconds.`,
 	var deltaCache string
 	fl.StringVar(&deltaCache, "delta-cache", "64M", "memory for --delta's previous page versions")
 	fl.IntVar(&p.Workers, "workers", 0, "goroutines encoding and compressing chunks (default: one per CPU)")
+	fl.BoolVar(&p.AutoConverge, "auto-converge", false, "pre-copy: slow the guest's vCPUs in steps while it dirties memory faster than the link carries it")
+	var dirtyLimit string
+	fl.StringVar(&dirtyLimit, "dirty-limit", "", "pre-copy: throttle the guest whenever it dirties more than this per second, e.g. 50MB or 400Mbit")
 	fl.BoolVar(&asJSON, "json", false, "print the final report as JSON")
 	fl.BoolVar(&cancel, "cancel", false, "cancel the running migration of NAME (the guest stays here; not in post-copy)")
 	fl.BoolVar(&set, "set", false, "change --bandwidth of the running migration of NAME")

@@ -112,6 +112,13 @@ type Options struct {
 	// SampleTime is how long the automatic mode watches the guest's
 	// writes before it predicts (default DefaultSampleTime).
 	SampleTime time.Duration
+	// AutoConverge throttles the guest's vCPUs in steps while pre-copy
+	// does not converge because the guest dirties memory faster than the
+	// link carries it (on in auto mode when rollback is required).
+	// DirtyLimit (bytes/s) throttles the guest whenever its dirty rate
+	// exceeds it during pre-copy.
+	AutoConverge bool
+	DirtyLimit   int64
 }
 
 // Defaults used where Options leaves a field zero.
@@ -188,7 +195,9 @@ type Params struct {
 	MaxTotalTime    time.Duration `json:"max_total_time_ns,omitempty"`
 	RequireRollback bool          `json:"require_rollback,omitempty"`
 	DryRun          bool          `json:"dry_run,omitempty"` // predict only
-	Codec           string        `json:"codec,omitempty"`   // state.ParseCodec syntax
+	AutoConverge    bool          `json:"auto_converge,omitempty"`
+	DirtyLimit      int64         `json:"dirty_limit,omitempty"` // bytes/s
+	Codec           string        `json:"codec,omitempty"`       // state.ParseCodec syntax
 	Workers         int           `json:"workers,omitempty"`
 	Dedup           bool          `json:"dedup,omitempty"`
 	Delta           bool          `json:"delta,omitempty"`
@@ -223,11 +232,15 @@ func (p Params) Options() (Options, error) {
 			return Options{}, err
 		}
 	}
-	if p.Workers < 0 || p.DeltaCache < 0 {
+	if (p.AutoConverge || p.DirtyLimit > 0) && mode != ModePreCopy && mode != ModeAuto && mode != ModeHybrid {
+		return Options{}, fmt.Errorf("--auto-converge and --dirty-limit throttle pre-copy; mode %s has none", mode)
+	}
+	if p.Workers < 0 || p.DeltaCache < 0 || p.DirtyLimit < 0 {
 		return Options{}, errors.New("negative workers or delta cache")
 	}
 	return Options{Mode: mode, DowntimeLimit: p.DowntimeLimit, MaxIterations: p.MaxIterations,
 		Codec: codec, CodecLevel: level, Workers: p.Workers, Dedup: p.Dedup, Delta: p.Delta, DeltaCache: p.DeltaCache,
+		AutoConverge: p.AutoConverge, DirtyLimit: p.DirtyLimit,
 		PrecopyTimeout: p.PrecopyTimeout, Bandwidth: p.Bandwidth, Compress: p.Compress,
 		PrecopyTime: p.PrecopyTime, PrecopyPasses: p.PrecopyPasses, PostcopyOnStall: p.PostcopyOnStall,
 		RecoveryTimeout: p.RecoveryTimeout, MaxTotalTime: p.MaxTotalTime, RequireRollback: p.RequireRollback}, nil

@@ -82,6 +82,16 @@ type Iteration struct {
 	DeltaPages uint64        `json:"delta_pages,omitempty"` // sent as deltas to their previous version
 }
 
+// ThrottleReport says how much the guest was slowed during pre-copy
+// (auto-converge, dirty-rate limit).
+type ThrottleReport struct {
+	Steps      []int         `json:"steps"`       // the percentages set, in order
+	MaxPercent int           `json:"max_percent"` // the highest
+	Active     time.Duration `json:"active_ns"`   // wall time the guest was throttled
+	Held       time.Duration `json:"held_ns"`     // vCPU time held back, summed over vCPUs
+	Reason     string        `json:"reason"`      // "auto-converge" or "dirty-rate limit"
+}
+
 // TransferStats counts what the page encodings and compression did.
 type TransferStats struct {
 	Codec            string `json:"codec"`
@@ -125,6 +135,7 @@ type Report struct {
 	Iterations       []Iteration     `json:"iterations"`
 	Postcopy         *PostcopyReport `json:"postcopy,omitempty"`
 	Transfer         TransferStats   `json:"transfer"`
+	Throttle         *ThrottleReport `json:"throttle,omitempty"` // the guest slowed during pre-copy
 	BandwidthLimit   int64           `json:"bandwidth_limit,omitempty"`
 	DowntimeLimit    time.Duration   `json:"downtime_limit_ns"`
 	// GuestWorkBefore is the guest workload's progress (pages/s, from its
@@ -174,6 +185,9 @@ func (r *Report) WriteTable(w io.Writer) {
 		row("encoding", fmt.Sprintf("%s, %d workers: %s of pages in %s of chunks (%.2fx); %d dup, %d delta pages; %d of %d chunks compressed, %d sent plain (CPU-bound)",
 			t.Codec, t.Workers, units.FormatBytes(t.PageBytes), units.FormatBytes(t.ChunkBytes), float64(t.PageBytes)/float64(max(t.ChunkBytes, 1)),
 			t.DupPages, t.DeltaPages, t.CompressedChunks, t.Chunks, t.PlainUnderLoad))
+	}
+	if th := r.Throttle; th != nil {
+		row("throttle", fmt.Sprintf("%s: up to %d%% (steps %v) for %s; vCPUs held back %s in all", th.Reason, th.MaxPercent, th.Steps, ms(th.Active), ms(th.Held)))
 	}
 	if p := r.Predicted; p != nil {
 		row("predicted", fmt.Sprintf("transfer %s (actual %s), downtime %s (actual %s), %s on the wire (actual %s)",

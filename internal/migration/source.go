@@ -188,6 +188,7 @@ func (x *sender) run() error {
 	x.rep.Transfer.Codec = state.FormatCodec(x.Opts.Codec, x.Opts.CodecLevel)
 	x.rep.Transfer.Workers = x.Opts.Workers
 	err = x.transfer()
+	x.endThrottle()
 	if err == nil {
 		return nil
 	}
@@ -376,6 +377,7 @@ func (x *sender) precopy() error {
 		}
 		x.rep.Iterations = append(x.rep.Iterations, *it)
 		x.rep.BytesPrecopy += it.Bytes
+		x.adjustThrottle(iter, float64(it.Pages)*guestmem.PageSize, float64(n)*guestmem.PageSize, it.Duration)
 		if err := x.conn.WriteMsg(&wire.IterationDone{Iteration: uint32(iter), PagesSent: it.Pages, BytesSent: it.Bytes, DirtyPages: uint64(n)}); err != nil {
 			return fmt.Errorf("connection to the destination lost: %w", err)
 		}

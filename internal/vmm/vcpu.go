@@ -33,12 +33,14 @@ type vcpu struct {
 func addrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
 
 // kick makes the vCPU leave KVM_RUN soon: immediate_exit covers the window
-// before entry, the signal the time inside the guest.
+// before entry, the signal the time inside the guest. It also ends a
+// throttle sleep (throttle.go), so that the vCPU sees the request.
 func (c *vcpu) kick() {
 	c.kvm.RunData().SetImmediateExit(true)
 	if tid := c.tid.Load(); tid != 0 {
 		_ = unix.Tgkill(unix.Getpid(), int(tid), kickSignal)
 	}
+	c.wakeFromThrottle()
 }
 
 func (c *vcpu) loop(ready chan<- struct{}) {
@@ -80,13 +82,14 @@ func (c *vcpu) runUntilStopped() error {
 	}
 }
 
-// parkIfRequested blocks while the VM is paused. Before parking it
-// completes any half-done I/O instruction by entering KVM_RUN with
-// immediate_exit set, so the saved state is at an instruction boundary.
+// parkIfRequested blocks while the VM is paused, or during a throttle
+// hold (throttle.go). Before either it completes any half-done I/O
+// instruction by entering KVM_RUN with immediate_exit set, so the saved
+// state is at an instruction boundary.
 func (c *vcpu) parkIfRequested() (stop bool, err error) {
 	v := c.vm
 	v.mu.Lock()
-	if !v.pauseReq && !v.stopping {
+	if !v.pauseReq && !v.stopping && !v.thr.holdLocked() {
 		c.kvm.RunData().SetImmediateExit(false)
 		v.mu.Unlock()
 		// A kick may have landed between the check and the clear; the
@@ -103,12 +106,15 @@ func (c *vcpu) parkIfRequested() (stop bool, err error) {
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	c.parked = true
-	v.cond.Broadcast()
-	for v.pauseReq && !v.stopping {
-		v.cond.Wait()
+	c.throttleSleepLocked()
+	if v.pauseReq || v.stopping {
+		c.parked = true
+		v.cond.Broadcast()
+		for v.pauseReq && !v.stopping {
+			v.cond.Wait()
+		}
+		c.parked = false
 	}
-	c.parked = false
 	c.kvm.RunData().SetImmediateExit(false)
 	return v.stopping, nil
 }

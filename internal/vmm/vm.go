@@ -123,6 +123,8 @@ type VM struct {
 	exit     *Exit
 	err      error
 	done     chan struct{}
+
+	thr throttle // vCPU throttling (throttle.go)
 }
 
 // New builds a VM: KVM objects, RAM, irqchip, PIT, devices, vCPUs, and the
@@ -461,6 +463,7 @@ func (v *VM) kickAll() {
 // Close releases everything. The VM must have ended (or never started).
 func (v *VM) Close() error {
 	v.Stop()
+	v.stopThrottle()
 	v.mu.Lock()
 	for v.running > 0 {
 		v.cond.Wait()

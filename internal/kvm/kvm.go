@@ -144,15 +144,24 @@ func getMSRList(fd int, req uintptr, name string) ([]uint32, error) {
 		return nil, wrap(name, err)
 	}
 	n := probe[0]
-	if n > 1<<16 {
-		return nil, fmt.Errorf("%s: implausible count %d", name, n)
+	// The second call was seen to fail with E2BIG (once, under load, on
+	// PVM): the kernel then says the count it wants; ask again.
+	for range 5 {
+		if n > 1<<16 {
+			return nil, fmt.Errorf("%s: implausible count %d", name, n)
+		}
+		buf := make([]uint32, 1+n)
+		buf[0] = n
+		err := ioctlPtr(fd, req, unsafe.Pointer(&buf[0]))
+		if err == nil {
+			return append([]uint32(nil), buf[1:1+buf[0]]...), nil
+		}
+		if !errors.Is(err, unix.E2BIG) {
+			return nil, wrap(name, err)
+		}
+		n = max(buf[0], n) // the count the kernel wants now
 	}
-	buf := make([]uint32, 1+n)
-	buf[0] = n
-	if err := ioctlPtr(fd, req, unsafe.Pointer(&buf[0])); err != nil {
-		return nil, wrap(name, err)
-	}
-	return append([]uint32(nil), buf[1:1+buf[0]]...), nil
+	return nil, fmt.Errorf("%s: the count keeps changing", name)
 }
 
 // CreateVM creates a VM.

@@ -318,6 +318,7 @@ two seconds.`,
 	var deltaCache string
 	fl.StringVar(&deltaCache, "delta-cache", "64M", "memory for --delta's previous page versions")
 	fl.IntVar(&p.Workers, "workers", 0, "goroutines encoding and compressing chunks (default: one per CPU)")
+	fl.IntVar(&p.Streams, "streams", 1, "TCP connections carrying pre-copy pages (each page always on the same one)")
 	fl.BoolVar(&p.AutoConverge, "auto-converge", false, "pre-copy: slow the guest's vCPUs in steps while it dirties memory faster than the link carries it")
 	var dirtyLimit string
 	fl.StringVar(&dirtyLimit, "dirty-limit", "", "pre-copy: throttle the guest whenever it dirties more than this per second, e.g. 50MB or 400Mbit")

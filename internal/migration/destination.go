@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferry-vmm/ferry/internal/state"
@@ -44,19 +45,26 @@ type Destination struct {
 	// onRestored sees the VM after its state is applied, before it runs (tests).
 	onRestored func(*vmm.VM)
 
-	ln         net.Listener
-	hello      *wire.Hello
-	id         [16]byte
-	mu         sync.Mutex
-	reqLink    *link            // the request channel, attached before the switch
-	pc         *pcDest          // post-copy, once the source switched
-	postcopy   bool             // the source announced post-copy (Postcopy received)
-	mainTaken  bool             // the main connection arrived
-	need       []uint64         // with postcopy: pages the source will send
-	needRanges []wire.PageRange // the same, as the source listed them
-	done       chan struct{}
-	endErr     error
-	rep        *DestReport
+	ln        net.Listener
+	hello     *wire.Hello
+	id        [16]byte
+	mu        sync.Mutex
+	reqLink   *link   // the request channel, attached before the switch
+	pc        *pcDest // post-copy, once the source switched
+	postcopy  bool    // the source announced post-copy (Postcopy received)
+	mainTaken bool    // the main connection arrived
+	streams   []*link // page streams 1 … n−1
+	// Pages applied from the page streams, and the first stream error;
+	// streamed is signalled after every chunk.
+	streamPages atomic.Uint64
+	streamErr   error
+	streamed    chan struct{}
+	vm          *vmm.VM          // being received
+	need        []uint64         // with postcopy: pages the source will send
+	needRanges  []wire.PageRange // the same, as the source listed them
+	done        chan struct{}
+	endErr      error
+	rep         *DestReport
 }
 
 // DestReport is the destination's view.
@@ -85,7 +93,7 @@ func (d *Destination) Run(ctx context.Context, ln net.Listener) (*vmm.VM, *DestR
 	if d.Log == nil {
 		d.Log = slog.New(slog.DiscardHandler)
 	}
-	d.ln, d.done = ln, make(chan struct{})
+	d.ln, d.done, d.streamed = ln, make(chan struct{}), make(chan struct{}, 1)
 	d.rep = &DestReport{}
 	mainCh := make(chan opened, 1)
 	go d.accept(mainCh)
@@ -192,7 +200,94 @@ func (d *Destination) closeListener() {
 	d.ln.Close()
 	d.mu.Lock()
 	d.reqLink.close()
+	for _, l := range d.streams {
+		l.close()
+	}
 	d.mu.Unlock()
+}
+
+// readStream applies the chunks of one page stream as they come. Pages
+// always travel on the same stream, so the streams never touch the same
+// page and each applies its chunks in order.
+func (d *Destination) readStream(l *link, n uint16) {
+	dec := state.NewChunkDecoder()
+	defer dec.Close()
+	mem := d.vm.Memory()
+	regions := mem.Regions()
+	fail := func(err error) {
+		d.mu.Lock()
+		if d.streamErr == nil {
+			d.streamErr = err
+		}
+		d.mu.Unlock()
+		d.signalStreamed()
+	}
+	for {
+		m, err := l.conn.ReadMsg()
+		if err != nil {
+			if d.hasEnded() {
+				return
+			}
+			fail(fmt.Errorf("page stream %d: %w", n, err))
+			return
+		}
+		pages, ok := m.(*wire.Pages)
+		if !ok {
+			fail(fmt.Errorf("page stream %d: unexpected %T", n, m))
+			return
+		}
+		k, err := state.ApplyPageChunk(pages.Chunk, regions, mem.Bytes(), dec)
+		if err != nil {
+			fail(fmt.Errorf("bad pages from the source on stream %d (iteration %d): %w", n, pages.Iteration, err))
+			return
+		}
+		d.streamPages.Add(uint64(k))
+		d.signalStreamed()
+	}
+}
+
+func (d *Destination) signalStreamed() {
+	select {
+	case d.streamed <- struct{}{}:
+	default:
+	}
+}
+
+// hasEnded says whether Run's result is known (the streams may close).
+func (d *Destination) hasEnded() bool {
+	select {
+	case <-d.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// awaitStreams waits until the page streams have delivered what Complete
+// counts, besides the main connection's pages.
+func (d *Destination) awaitStreams(want, onMain uint64) error {
+	timeout := time.NewTimer(DefaultAckTimeout)
+	defer timeout.Stop()
+	for {
+		d.mu.Lock()
+		err := d.streamErr
+		d.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		got := onMain + d.streamPages.Load()
+		if got == want {
+			return nil
+		}
+		if got > want {
+			return fmt.Errorf("source sent %d pages, %d arrived", want, got)
+		}
+		select {
+		case <-d.streamed:
+		case <-timeout.C:
+			return fmt.Errorf("source sent %d pages, %d arrived within %s", want, got, DefaultAckTimeout)
+		}
+	}
 }
 
 // opened is the main connection and its Hello.
@@ -260,6 +355,19 @@ func (d *Destination) attach(l *link, a *wire.Attach) {
 		d.pc.attach(l, a)
 		return
 	}
+	if a.Channel == wire.ChannelStream {
+		if d.vm == nil || int(a.Stream) >= int(d.hello.Options.Streams) {
+			refuse(fmt.Sprintf("page stream %d: the migration has %d", a.Stream, d.hello.Options.Streams))
+			return
+		}
+		if err := l.conn.WriteMsg(&wire.Attached{Channel: a.Channel}); err != nil {
+			l.close()
+			return
+		}
+		d.streams = append(d.streams, l)
+		go d.readStream(l, a.Stream)
+		return
+	}
 	if a.Channel != wire.ChannelRequests {
 		refuse("the main connection is open; post-copy has not started")
 		return
@@ -308,6 +416,13 @@ func (d *Destination) receive(ctx context.Context, conn *wire.Conn, hello *wire.
 		vm.Close()
 		return refuse(wire.RefuseCPU, err)
 	}
+	if s := hello.Options.Streams; s > 1 && welcome.ProtocolVersion < wire.EncodingsVersion {
+		vm.Close()
+		return refuse(wire.RefuseOptions, fmt.Errorf("%d streams need protocol version %d", s, wire.EncodingsVersion))
+	}
+	d.mu.Lock()
+	d.vm = vm // page streams may attach from the welcome on
+	d.mu.Unlock()
 	if err := conn.WriteMsg(welcome); err != nil {
 		return vm, fmt.Errorf("answering the source: %w", err)
 	}
@@ -358,9 +473,10 @@ func (d *Destination) receive(ctx context.Context, conn *wire.Conn, hello *wire.
 			if machine == nil {
 				return vm, errors.New("source completed without sending the machine state")
 			}
-			if m.Pages != rep.PagesLoaded {
-				return vm, fmt.Errorf("source sent %d pages, %d arrived", m.Pages, rep.PagesLoaded)
+			if err := d.awaitStreams(m.Pages, rep.PagesLoaded); err != nil {
+				return vm, err
 			}
+			rep.PagesLoaded = m.Pages
 			return d.finish(conn, vm, machine, rep)
 		case *wire.Cancel:
 			return vm, peerErr{fmt.Errorf("source cancelled the migration: %s", m.Reason)}

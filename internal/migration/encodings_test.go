@@ -14,24 +14,27 @@ import (
 // byte for byte: exit status 0 means every page arrived intact.
 func TestEncodings(t *testing.T) {
 	for _, c := range []struct {
-		name  string
-		codec state.Codec
-		level int
-		dedup bool
-		delta bool
+		name    string
+		codec   state.Codec
+		level   int
+		dedup   bool
+		delta   bool
+		streams int
 	}{
-		{"none", state.CodecNone, 0, false, false},
-		{"zstd", state.CodecZstd, state.ZstdFastest, false, false},
-		{"lz4", state.CodecLZ4, state.LZ4Fast, false, false},
-		{"dedup", state.CodecNone, 0, true, false},
-		{"delta", state.CodecNone, 0, false, true},
-		{"all", state.CodecZstd, state.ZstdDefault, true, true},
+		{"none", state.CodecNone, 0, false, false, 1},
+		{"zstd", state.CodecZstd, state.ZstdFastest, false, false, 1},
+		{"lz4", state.CodecLZ4, state.LZ4Fast, false, false, 1},
+		{"dedup", state.CodecNone, 0, true, false, 1},
+		{"delta", state.CodecNone, 0, false, true, 1},
+		{"all", state.CodecZstd, state.ZstdDefault, true, true, 1},
+		{"streams", state.CodecNone, 0, false, false, 3},
+		{"all-streams", state.CodecLZ4, state.LZ4Fast, true, true, 4},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			g := bootGuest(t, 256<<20, 2, "workload=verify size=16M fill=64M content=mixed fill_check=1 exit_after=9s")
 			g.beats(t, 3)
 			// A few passes, so that deltas have previous versions.
-			opts := Options{Mode: ModePreCopy, Codec: c.codec, CodecLevel: c.level, Dedup: c.dedup, Delta: c.delta,
+			opts := Options{Mode: ModePreCopy, Codec: c.codec, CodecLevel: c.level, Dedup: c.dedup, Delta: c.delta, Streams: c.streams,
 				Bandwidth: 100 << 20, DowntimeLimit: time.Millisecond, MaxIterations: 4}
 			res := migrate(t, g, opts, nil, nil)
 			if res.err != nil || res.dstErr != nil {

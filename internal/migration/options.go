@@ -119,6 +119,10 @@ type Options struct {
 	// exceeds it during pre-copy.
 	AutoConverge bool
 	DirtyLimit   int64
+	// Streams is how many connections carry pre-copy pages (default 1):
+	// each page always travels on the same one, so that its versions
+	// arrive in order.
+	Streams int
 }
 
 // Defaults used where Options leaves a field zero.
@@ -154,6 +158,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.DeltaCache <= 0 {
 		o.DeltaCache = DefaultDeltaCache
+	}
+	if o.Streams <= 0 {
+		o.Streams = 1
 	}
 	if o.DowntimeLimit <= 0 {
 		o.DowntimeLimit = DefaultDowntimeLimit
@@ -197,7 +204,8 @@ type Params struct {
 	DryRun          bool          `json:"dry_run,omitempty"` // predict only
 	AutoConverge    bool          `json:"auto_converge,omitempty"`
 	DirtyLimit      int64         `json:"dirty_limit,omitempty"` // bytes/s
-	Codec           string        `json:"codec,omitempty"`       // state.ParseCodec syntax
+	Streams         int           `json:"streams,omitempty"`
+	Codec           string        `json:"codec,omitempty"` // state.ParseCodec syntax
 	Workers         int           `json:"workers,omitempty"`
 	Dedup           bool          `json:"dedup,omitempty"`
 	Delta           bool          `json:"delta,omitempty"`
@@ -235,12 +243,15 @@ func (p Params) Options() (Options, error) {
 	if (p.AutoConverge || p.DirtyLimit > 0) && mode != ModePreCopy && mode != ModeAuto && mode != ModeHybrid {
 		return Options{}, fmt.Errorf("--auto-converge and --dirty-limit throttle pre-copy; mode %s has none", mode)
 	}
+	if p.Streams < 0 || p.Streams > 256 {
+		return Options{}, fmt.Errorf("%d streams: 1 to 256", p.Streams)
+	}
 	if p.Workers < 0 || p.DeltaCache < 0 || p.DirtyLimit < 0 {
 		return Options{}, errors.New("negative workers or delta cache")
 	}
 	return Options{Mode: mode, DowntimeLimit: p.DowntimeLimit, MaxIterations: p.MaxIterations,
 		Codec: codec, CodecLevel: level, Workers: p.Workers, Dedup: p.Dedup, Delta: p.Delta, DeltaCache: p.DeltaCache,
-		AutoConverge: p.AutoConverge, DirtyLimit: p.DirtyLimit,
+		AutoConverge: p.AutoConverge, DirtyLimit: p.DirtyLimit, Streams: p.Streams,
 		PrecopyTimeout: p.PrecopyTimeout, Bandwidth: p.Bandwidth, Compress: p.Compress,
 		PrecopyTime: p.PrecopyTime, PrecopyPasses: p.PrecopyPasses, PostcopyOnStall: p.PostcopyOnStall,
 		RecoveryTimeout: p.RecoveryTimeout, MaxTotalTime: p.MaxTotalTime, RequireRollback: p.RequireRollback}, nil
@@ -251,4 +262,6 @@ func (o Options) DeltaCachePages() int { return int(o.DeltaCache / 4096) }
 
 // needsEncodings says whether the migration uses what protocol version 3
 // added: lz4, delta and dup records.
-func (o Options) needsEncodings() bool { return o.Codec == state.CodecLZ4 || o.Delta || o.Dedup }
+func (o Options) needsEncodings() bool {
+	return o.Codec == state.CodecLZ4 || o.Delta || o.Dedup || o.Streams > 1
+}

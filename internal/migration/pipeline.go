@@ -31,25 +31,25 @@ import (
 
 // chunkJob is one chunk on its way through the pipeline.
 type chunkJob struct {
-	iter  int
-	phase Phase
-	n     int
-	pfns  [state.ChunkPages]uint64
-	snap  []byte   // n pages, copied from guest memory
-	old   [][]byte // per record: the destination's current content (delta base), or nil
-	dup   []uint64 // per record: 1 + the pfn it duplicates, or 0
-	out   []byte
-	stats state.ChunkStats
-	plain bool // sent uncompressed because the writer was waiting for the workers
-	err   error
-	done  chan struct{}
+	iter   int
+	stream int // the connection it goes on
+	phase  Phase
+	n      int
+	pfns   [state.ChunkPages]uint64
+	snap   []byte   // n pages, copied from guest memory
+	old    [][]byte // per record: the destination's current content (delta base), or nil
+	dup    []uint64 // per record: 1 + the pfn it duplicates, or 0
+	out    []byte
+	stats  state.ChunkStats
+	plain  bool // sent uncompressed because the writer was waiting for the workers
+	err    error
+	done   chan struct{}
 }
 
 // pipeline is the page pipeline of one migration.
 type pipeline struct {
 	x       *sender
 	work    chan *chunkJob
-	order   chan *chunkJob
 	workers sync.WaitGroup
 	// Producer-owned state.
 	delta     map[uint64][]byte // pfn → content last sent (XBZRLE cache)
@@ -65,7 +65,7 @@ type pipeline struct {
 
 func newPipeline(x *sender) (*pipeline, error) {
 	o := x.Opts
-	p := &pipeline{x: x, work: make(chan *chunkJob, 2*o.Workers), order: make(chan *chunkJob, 2*o.Workers)}
+	p := &pipeline{x: x, work: make(chan *chunkJob, 2*o.Workers)}
 	p.snaps = make(chan []byte, 4*o.Workers)
 	if o.Delta {
 		p.delta = map[uint64][]byte{}
@@ -134,28 +134,41 @@ func (p *pipeline) encode(enc, plain *state.ChunkEncoder) {
 	}
 }
 
-// sendPassPipelined sends the pages set in todo through the pipeline.
-// With skipZero (iteration 0, stop-and-copy) zero pages are left out.
+// streamOf is the stream a page (memfd index) always travels on.
+func (x *sender) streamOf(idx uint64) int { return int(idx / 64 % uint64(x.Opts.Streams)) }
+
+// sendPassPipelined sends the pages set in todo through the pipeline, on
+// every stream. With skipZero (iteration 0, stop-and-copy) zero pages are
+// left out.
 func (x *sender) sendPassPipelined(iter int, phase Phase, todo []uint64, skipZero bool) (*Iteration, error) {
 	p := x.pipe
 	it := &Iteration{N: iter, Phase: phase}
 	start := time.Now()
-	bytes0 := x.conn.BytesSent()
+	bytes0 := x.bytesSent()
 	ctx, cancel := context.WithCancelCause(x.ctx)
 	defer cancel(nil)
-	written := make(chan error, 1)
-	go func() { written <- x.writeChunks(ctx, cancel, it, start, bytes0) }()
+	n := x.Opts.Streams
+	orders := make([]chan *chunkJob, n)
+	written := make(chan error, n)
+	for s := range n {
+		orders[s] = make(chan *chunkJob, 2*x.Opts.Workers)
+		conn := x.conn
+		if s > 0 {
+			conn = x.streams[s-1].conn
+		}
+		go func() { written <- x.writeChunks(ctx, cancel, it, start, bytes0, s, conn, orders[s]) }()
+	}
 
 	mem := x.mem.Bytes()
 	left := countSet(todo)
-	var job *chunkJob
-	dispatch := func() {
-		if job == nil || job.n == 0 {
+	jobs := make([]*chunkJob, n)
+	dispatch := func(s int) {
+		if jobs[s] == nil || jobs[s].n == 0 {
 			return
 		}
-		p.work <- job
-		p.order <- job
-		job = nil
+		p.work <- jobs[s]
+		orders[s] <- jobs[s]
+		jobs[s] = nil
 	}
 	err := x.forEachByHeat(todo, func(idx uint64) error {
 		if ctx.Err() != nil {
@@ -163,9 +176,12 @@ func (x *sender) sendPassPipelined(iter int, phase Phase, todo []uint64, skipZer
 		}
 		left--
 		x.left.Store(left)
+		s := x.streamOf(idx)
+		job := jobs[s]
 		if job == nil {
-			job = &chunkJob{iter: iter, phase: phase, snap: p.snapBuf(), done: make(chan struct{}),
+			job = &chunkJob{iter: iter, phase: phase, stream: s, snap: p.snapBuf(), done: make(chan struct{}),
 				old: make([][]byte, 0, state.ChunkPages), dup: make([]uint64, 0, state.ChunkPages)}
+			jobs[s] = job
 		}
 		off := idx * guestmem.PageSize
 		snap := job.snap[job.n*guestmem.PageSize : (job.n+1)*guestmem.PageSize]
@@ -194,22 +210,24 @@ func (x *sender) sendPassPipelined(iter int, phase Phase, todo []uint64, skipZer
 		}
 		job.n++
 		if job.n == state.ChunkPages {
-			dispatch()
+			dispatch(s)
 		}
 		return nil
 	})
-	dispatch()
-	close(p.order)
-	werr := <-written
-	p.order = make(chan *chunkJob, cap(p.order))
-	if err == nil {
-		err = werr
+	for s := range n {
+		dispatch(s)
+		close(orders[s])
+	}
+	for range n {
+		if werr := <-written; err == nil {
+			err = werr
+		}
 	}
 	if err != nil {
 		return nil, err
 	}
 	it.Duration = time.Since(start)
-	it.Bytes = x.conn.BytesSent() - bytes0
+	it.Bytes = x.bytesSent() - bytes0
 	if it.Duration > 0 {
 		it.Throughput = float64(it.Bytes) / it.Duration.Seconds()
 	}
@@ -232,7 +250,7 @@ func (p *pipeline) chooseEncoding(job *chunkJob, i int, pfn uint64, snap []byte,
 		if old, ok := p.pageHash[pfn]; ok && old != h && p.dedup[old] == pfn {
 			delete(p.dedup, old)
 		}
-		if src, ok := p.dedup[h]; ok && src != pfn && p.pageHash[src] == h {
+		if src, ok := p.dedup[h]; ok && src != pfn && p.pageHash[src] == h && p.sameStream(src, pfn) {
 			job.dup[i] = src + 1
 			p.pageHash[pfn] = h
 			p.setDelta(pfn, snap, iter)
@@ -247,6 +265,17 @@ func (p *pipeline) chooseEncoding(job *chunkJob, i int, pfn uint64, snap []byte,
 		}
 		p.setDelta(pfn, snap, iter)
 	}
+}
+
+// sameStream says whether two pages travel on the same stream: a dup
+// record may only refer to a page whose content arrived before it.
+func (p *pipeline) sameStream(a, b uint64) bool {
+	if p.x.Opts.Streams == 1 {
+		return true
+	}
+	ia, _ := p.x.pages.index(a)
+	ib, _ := p.x.pages.index(b)
+	return p.x.streamOf(ia) == p.x.streamOf(ib)
 }
 
 // setDelta remembers what the destination holds for pfn, for delta
@@ -283,10 +312,12 @@ func (p *pipeline) forget(pfn uint64) {
 	}
 }
 
-// writeChunks writes the pass's chunks in order as they are encoded.
-func (x *sender) writeChunks(ctx context.Context, cancel context.CancelCauseFunc, it *Iteration, start time.Time, bytes0 uint64) error {
+// writeChunks writes one stream's chunks of a pass, in order, as they
+// are encoded. Stream 0 (the main connection) also watches for the
+// destination's errors and reports progress.
+func (x *sender) writeChunks(ctx context.Context, cancel context.CancelCauseFunc, it *Iteration, start time.Time, bytes0 uint64, stream int, conn *wire.Conn, order <-chan *chunkJob) error {
 	var failed error
-	for j := range x.pipe.order {
+	for j := range order {
 		select {
 		case <-j.done:
 		default:
@@ -300,15 +331,17 @@ func (x *sender) writeChunks(ctx context.Context, cancel context.CancelCauseFunc
 		}
 		err := j.err
 		if err == nil {
-			err = x.writeChunk(ctx, j, it)
+			err = x.writeChunk(ctx, conn, j, it)
 		}
-		if err == nil {
+		if err == nil && stream == 0 {
+			x.statMu.Lock()
 			x.progress.RemainingBytes = x.left.Load() * guestmem.PageSize
 			x.progress.BytesSent = x.bytesSent()
 			if d := time.Since(start); d > 0 {
-				x.progress.Throughput = float64(x.conn.BytesSent()-bytes0) / d.Seconds()
+				x.progress.Throughput = float64(x.bytesSent()-bytes0) / d.Seconds()
 			}
 			x.progress.Phase, x.progress.Iteration = it.Phase, it.N
+			x.statMu.Unlock()
 			x.emit()
 			err = x.checkPeer()
 		}
@@ -320,14 +353,19 @@ func (x *sender) writeChunks(ctx context.Context, cancel context.CancelCauseFunc
 	return failed
 }
 
-func (x *sender) writeChunk(ctx context.Context, j *chunkJob, it *Iteration) error {
+func (x *sender) writeChunk(ctx context.Context, conn *wire.Conn, j *chunkJob, it *Iteration) error {
 	if err := x.limiter.Wait(ctx, len(j.out)); err != nil {
 		return context.Cause(ctx)
 	}
 	msg := &wire.Pages{Iteration: uint32(j.iter), Phase: phaseCode(j.phase), Chunk: j.out}
-	if err := x.conn.WriteMsg(msg); err != nil {
+	if err := conn.WriteMsg(msg); err != nil {
+		if j.stream > 0 {
+			return fmt.Errorf("page stream %d to the destination lost: %w", j.stream, err)
+		}
 		return fmt.Errorf("connection to the destination lost while sending pages: %w", err)
 	}
+	x.statMu.Lock()
+	defer x.statMu.Unlock()
 	x.chunks++
 	x.chunkBytes += uint64(len(j.out))
 	s := j.stats

@@ -23,6 +23,11 @@ const prepageWindow = 128
 
 // attach opens a further connection of this migration.
 func (x *sender) attach(ch wire.Channel, attempt uint32) (*link, *wire.Attached, error) {
+	return x.attachStream(ch, attempt, 0)
+}
+
+// attachStream is attach with a page stream's number.
+func (x *sender) attachStream(ch wire.Channel, attempt uint32, stream uint16) (*link, *wire.Attached, error) {
 	ctx, cancel := context.WithTimeout(x.ctx, x.Opts.LinkTimeout)
 	defer cancel()
 	nc, err := x.dial(ctx)
@@ -34,7 +39,7 @@ func (x *sender) attach(ch wire.Channel, attempt uint32) (*link, *wire.Attached,
 	// silence, not for the whole exchange.
 	l.watch(x.Opts.LinkTimeout)
 	nc.SetWriteDeadline(time.Now().Add(x.Opts.LinkTimeout))
-	if err := l.conn.WriteMsg(&wire.Attach{MigrationID: x.id, Channel: ch, Attempt: attempt}); err != nil {
+	if err := l.conn.WriteMsg(&wire.Attach{MigrationID: x.id, Channel: ch, Attempt: attempt, Stream: stream}); err != nil {
 		l.close()
 		return nil, nil, fmt.Errorf("opening the %s channel: %w", ch, err)
 	}
@@ -67,6 +72,9 @@ func (x *sender) closeLinks() {
 		x.net.Close()
 	}
 	x.req.close()
+	for _, l := range x.streams {
+		l.close()
+	}
 }
 
 // bytesSent counts every byte sent to the destination, on every
@@ -78,6 +86,9 @@ func (x *sender) bytesSent() uint64 {
 	}
 	if x.req != nil {
 		n += x.req.conn.BytesSent()
+	}
+	for _, l := range x.streams {
+		n += l.conn.BytesSent()
 	}
 	return n
 }

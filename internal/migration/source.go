@@ -104,9 +104,11 @@ type sender struct {
 	profile   *DirtyProfile // the guest's writes, sampled before the migration (auto)
 	// heat counts, per page, the pre-copy passes during which the guest
 	// dirtied it (saturating): passes send cold pages first.
-	heat []uint8
-	pipe *pipeline
-	left atomic.Uint64 // pages still to send in the current pass
+	heat    []uint8
+	pipe    *pipeline
+	streams []*link       // page streams 1 … Streams−1 (stream 0 is the main connection)
+	statMu  sync.Mutex    // the counters the streams' writers share
+	left    atomic.Uint64 // pages still to send in the current pass
 	// bytesBefore counts bytes sent on connections closed before the
 	// current ones (post-copy links re-opened after a break).
 	bytesBefore uint64
@@ -214,7 +216,7 @@ func (x *sender) handshake() error {
 		FerryVersion: version.Version, VMName: x.Name, Mode: string(x.Opts.Mode),
 		Header: header, CPUID: cpuid, MigrationID: x.id,
 		// The codec's level is the sender's business: the name is enough.
-		Options: wire.Options{Codec: x.Opts.Codec.String(), PageSize: guestmem.PageSize, Streams: 1},
+		Options: wire.Options{Codec: x.Opts.Codec.String(), PageSize: guestmem.PageSize, Streams: uint16(x.Opts.Streams)},
 	}
 	if err := x.conn.WriteMsg(hello); err != nil {
 		return fmt.Errorf("sending hello: %w", err)
@@ -231,6 +233,13 @@ func (x *sender) handshake() error {
 		x.version = r.ProtocolVersion
 		if r.ProtocolVersion < wire.EncodingsVersion && x.Opts.needsEncodings() {
 			return fmt.Errorf("the destination (ferry %s) speaks migration protocol version %d, which has no lz4, delta or dedup records: use --compress zstd|none without --delta and --dedup", r.FerryVersion, r.ProtocolVersion)
+		}
+		for s := 1; s < x.Opts.Streams; s++ {
+			l, _, err := x.attachStream(wire.ChannelStream, 0, uint16(s))
+			if err != nil {
+				return fmt.Errorf("opening page stream %d: %w", s, err)
+			}
+			x.streams = append(x.streams, l)
 		}
 		if !x.Opts.mayPostcopy() {
 			return nil

@@ -152,6 +152,7 @@ func allMessages(t testing.TB) []Msg {
 		&Ping{Nonce: 0xdeadbeef, UnixNano: 1767225600000000000},
 		&Pong{Nonce: 0xdeadbeef, PingUnixNano: 1767225600000000000, UnixNano: 1767225600000400000},
 		&Attach{MigrationID: [16]byte{1, 2, 3}, Channel: ChannelRequests, Attempt: 3},
+		&Attach{MigrationID: [16]byte{1, 2, 3}, Channel: ChannelStream, Stream: 5},
 		&Attached{Channel: ChannelMain, PostcopyStarted: true, Missing: []PageRange{{0, 16}, {0x100, 1}, {1 << 20, 4096}}},
 		&Postcopy{Need: []PageRange{{1, 255}, {0x100000, 262144}}},
 		&PostcopyDone{End: EndResident, PagesPushed: 1 << 18, PagesDemand: 412, Faults: 399, FaultP50: 180 * time.Microsecond,

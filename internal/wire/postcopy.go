@@ -39,6 +39,7 @@ type Channel uint8
 const (
 	ChannelRequests Channel = 1 // page requests and their answers
 	ChannelMain     Channel = 2 // the main connection, re-opened after a broken link
+	ChannelStream   Channel = 3 // a further page stream (v3: Hello's streams > 1)
 )
 
 func (c Channel) String() string {
@@ -47,6 +48,8 @@ func (c Channel) String() string {
 		return "requests"
 	case ChannelMain:
 		return "main"
+	case ChannelStream:
+		return "stream"
 	}
 	return fmt.Sprintf("channel %d", uint8(c))
 }
@@ -59,16 +62,25 @@ type Attach struct {
 	// Attempt counts the source's connection attempts since the migration
 	// began (0 for the request channel's first opening); for the logs.
 	Attempt uint32
+	// Stream is a page stream's number, 1 to Hello's streams − 1
+	// (ChannelStream; version 3, appended).
+	Stream uint16
 }
 
 func (*Attach) Type() Type { return TypeAttach }
+
+// attachV2Size is the length of a version-2 Attach (no stream field).
+const attachV2Size = migrationIDBytes + 1 + 4
 
 func (m *Attach) check() error {
 	if m.MigrationID == [16]byte{} {
 		return errors.New("migration id is zero")
 	}
-	if m.Channel != ChannelRequests && m.Channel != ChannelMain {
+	if m.Channel != ChannelRequests && m.Channel != ChannelMain && m.Channel != ChannelStream {
 		return fmt.Errorf("unknown channel %d", m.Channel)
+	}
+	if (m.Channel == ChannelStream) != (m.Stream != 0) {
+		return fmt.Errorf("stream %d on the %s channel", m.Stream, m.Channel)
 	}
 	return nil
 }
@@ -83,7 +95,8 @@ func (m *Attach) appendPayload(b []byte) ([]byte, error) {
 func (m *Attach) appendFields(b []byte) []byte {
 	b = append(b, m.MigrationID[:]...)
 	b = append(b, uint8(m.Channel))
-	return le.AppendUint32(b, m.Attempt)
+	b = le.AppendUint32(b, m.Attempt)
+	return le.AppendUint16(b, m.Stream)
 }
 
 func (m *Attach) decodePayload(p []byte) error {
@@ -92,6 +105,9 @@ func (m *Attach) decodePayload(p []byte) error {
 	copy(out.MigrationID[:], f.take(migrationIDBytes, "migration id"))
 	out.Channel = Channel(f.u8("channel"))
 	out.Attempt = f.u32("attempt")
+	if len(p) > attachV2Size { // appended in version 3
+		out.Stream = f.u16("stream")
+	}
 	if f.err != nil {
 		return f.err
 	}

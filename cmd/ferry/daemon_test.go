@@ -117,7 +117,10 @@ func TestDaemonsMigrateBothWays(t *testing.T) {
 	trustEachOther(t, h1, h2)
 	h1.must(t, "run", "--detach", "--name", "vm", "--guest", "test", "--mem", "256M", "--cpus", "2", "--cmdline", "workload=verify size=64M")
 	waitBeats(t, h1, "vm", 6)
-	out := h1.must(t, "migrate", "vm", "--to", h2.addr, "--mode", "precopy", "--json")
+	// Every transfer option on the way there: they go through the CLI,
+	// both daemons and mutual TLS on every stream.
+	out := h1.must(t, "migrate", "vm", "--to", h2.addr, "--mode", "precopy", "--json",
+		"--compress", "lz4", "--dedup", "--delta", "--streams", "3", "--workers", "2")
 	var rep migration.Report
 	if err := json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &rep); err != nil {
 		t.Fatalf("report is not JSON: %v\n%s", err, out)
@@ -126,6 +129,9 @@ func TestDaemonsMigrateBothWays(t *testing.T) {
 		t.Fatalf("incomplete report: %+v", rep)
 	}
 	t.Logf("host1 -> host2: downtime %s (guest view %s), %d bytes, %d iterations, %s", rep.Downtime, rep.GuestDowntime, rep.BytesTotal, len(rep.Iterations), rep.SwitchReason)
+	if rep.Transfer.Codec != "lz4" || rep.Transfer.Chunks == 0 {
+		t.Fatalf("transfer options not applied: %+v", rep.Transfer)
+	}
 	if ps := h2.must(t, "ps"); !strings.Contains(ps, "vm") || !strings.Contains(ps, "running") {
 		t.Fatalf("host 2 does not run the VM:\n%s", ps)
 	}

@@ -311,8 +311,7 @@ two seconds.`,
 	fl.BoolVar(&p.PostcopyOnStall, "postcopy-on-stall", false, "precopy: switch to post-copy when passes stop shrinking")
 	fl.DurationVar(&p.RecoveryTimeout, "recovery-timeout", migration.DefaultRecoveryTimeout, "post-copy: how long the source keeps re-opening a broken link")
 	fl.StringVar(&bandwidth, "bandwidth", "", "cap the transfer, e.g. 1Gbit, 500Mbit, 100MB (per second); default unlimited")
-	fl.StringVar(&p.Codec, "compress", "none", "compress page chunks: none, zstd[:1-22|fastest|default|better|best], lz4[:fast|1-9|hc] (--compress alone: zstd)")
-	fl.Lookup("compress").NoOptDefVal = "zstd"
+	fl.StringVar(&p.Codec, "compress", "none", "compress page chunks: none, zstd[:1-22|fastest|default|better|best], lz4[:fast|1-9|hc]")
 	fl.BoolVar(&p.Dedup, "dedup", false, "send a page identical to one the destination holds as a reference to it")
 	fl.BoolVar(&p.Delta, "delta", false, "send re-dirtied pages as XBZRLE deltas to their previous version")
 	var deltaCache string

@@ -101,21 +101,9 @@ func BenchmarkChunkEncode(b *testing.B) {
 					b.Fatal(err)
 				}
 				defer e.Close()
-				var stored int
 				b.SetBytes(ChunkPages * PageSize)
 				b.ReportAllocs()
-				for b.Loop() {
-					e.Reset()
-					for i, p := range pages {
-						e.Raw(uint64(i), p)
-					}
-					out, err := e.Finish()
-					if err != nil {
-						b.Fatal(err)
-					}
-					stored = len(out)
-				}
-				b.ReportMetric(float64(stored)/(ChunkPages*PageSize), "ratio")
+				encodeLoop(b, e, pages, nil)
 			})
 		}
 	}
@@ -144,25 +132,13 @@ func BenchmarkChunkEncodeDelta(b *testing.B) {
 					b.Fatal(err)
 				}
 				defer e.Close()
-				var stored int
 				b.SetBytes(ChunkPages * PageSize)
 				b.ReportAllocs()
-				for b.Loop() {
-					e.Reset()
-					for i, p := range pages {
-						if mode == "delta" {
-							e.Page(uint64(i), old[i], p)
-						} else {
-							e.Raw(uint64(i), p)
-						}
-					}
-					out, err := e.Finish()
-					if err != nil {
-						b.Fatal(err)
-					}
-					stored = len(out)
+				base := old
+				if mode != "delta" {
+					base = nil
 				}
-				b.ReportMetric(float64(stored)/(ChunkPages*PageSize), "ratio")
+				encodeLoop(b, e, pages, base)
 			})
 		}
 	}
@@ -200,4 +176,26 @@ func BenchmarkChunkApply(b *testing.B) {
 			}
 		})
 	}
+}
+
+// encodeLoop encodes pages into one chunk per iteration, as deltas
+// against old when given, and reports the stored size per page byte.
+func encodeLoop(b *testing.B, e *ChunkEncoder, pages, old [][]byte) {
+	var stored int
+	for b.Loop() {
+		e.Reset()
+		for i, p := range pages {
+			if old != nil {
+				e.Page(uint64(i), old[i], p)
+			} else {
+				e.Raw(uint64(i), p)
+			}
+		}
+		out, err := e.Finish()
+		if err != nil {
+			b.Fatal(err)
+		}
+		stored = len(out)
+	}
+	b.ReportMetric(float64(stored)/(ChunkPages*PageSize), "ratio")
 }

@@ -168,7 +168,8 @@ type Estimate struct {
 // Prediction holds an estimate per technique for one guest and link.
 type Prediction struct {
 	Profile   DirtyProfile `json:"profile"`
-	Bandwidth float64      `json:"bandwidth"` // bytes/s assumed for the link
+	Bandwidth float64      `json:"bandwidth"`            // bytes/s assumed for the link
+	WireRatio float64      `json:"wire_ratio,omitempty"` // wire bytes per page byte measured by the first pass (1: no savings)
 	Estimates []Estimate   `json:"estimates"`
 	Choice    Mode         `json:"choice,omitempty"` // what --mode auto picks
 	Reason    string       `json:"reason,omitempty"`
@@ -359,8 +360,20 @@ func (x *sender) decideAfterFirstPass(it *Iteration, dirtied int) bool {
 	// guest may have written new ones since the sample).
 	sampled := *profile
 	sampled.DataPages = it.Pages
+	// The model counts pages; compression, dedup and deltas put fewer
+	// bytes than pages on the wire. The first pass measured how many:
+	// predict in page bytes at the rate pages went, then scale bytes back.
+	ratio := 1.0
+	if it.Pages > 0 && it.Bytes > 0 {
+		ratio = float64(it.Bytes) / float64(it.Pages*guestmem.PageSize)
+	}
 	opts := x.Opts
-	pr := Predict(&sampled, bw, opts)
+	pr := Predict(&sampled, bw/ratio, opts)
+	pr.Bandwidth = bw
+	pr.WireRatio = ratio
+	for i := range pr.Estimates {
+		pr.Estimates[i].Bytes = uint64(float64(pr.Estimates[i].Bytes) * ratio)
+	}
 	// The first pass is done: what remains is predicted from here, and
 	// the pass itself is added to each estimate that includes it.
 	x.rep.Prediction = pr

@@ -60,7 +60,12 @@ func newVMMCmd() *cobra.Command {
 				return err
 			}
 			defer vm.Close()
-			srv, err := control.Serve(controlSock, f.name, vm, logger)
+			const filling = "the incoming post-copy migration is still bringing the guest's memory"
+			var held []string
+			if incomingDone != nil {
+				held = []string{filling}
+			}
+			srv, err := control.Serve(controlSock, f.name, vm, logger, held...)
 			if err != nil {
 				vm.Stop()
 				return err
@@ -68,7 +73,9 @@ func newVMMCmd() *cobra.Command {
 			defer srv.Close()
 			srv.SetConsole(rec)
 			if incomingDone != nil {
-				release := srv.Hold("the incoming post-copy migration is still bringing the guest's memory")
+				// Held from the first request (Serve): released once
+				// every page is here.
+				release := srv.Hold(filling)
 				go func() { incomingDone(); release() }()
 			}
 			srv.EnableMigration(&control.MigrationEnv{

@@ -170,7 +170,8 @@ func (s *Server) EnableMigration(env *MigrationEnv) { s.env = env }
 
 // Serve listens on path for commands to vm. A stale socket left by a dead
 // process is replaced; a live one is an error (two VMs with one name).
-func Serve(path, name string, vm *vmm.VM, log *slog.Logger) (*Server, error) {
+// held, if not empty, is Hold's reason from the first request on.
+func Serve(path, name string, vm *vmm.VM, log *slog.Logger, held ...string) (*Server, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
@@ -184,6 +185,9 @@ func Serve(path, name string, vm *vmm.VM, log *slog.Logger) (*Server, error) {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	s := &Server{name: name, vm: vm, log: log, ln: ln, started: time.Now()}
+	if len(held) > 0 {
+		s.held = held[0]
+	}
 	s.wg.Add(1)
 	go s.accept()
 	return s, nil

@@ -59,7 +59,10 @@ type Destination struct {
 	streamPages atomic.Uint64
 	streamErr   error
 	streamed    chan struct{}
+	readers     sync.WaitGroup   // stream readers
+	noStreams   bool             // closeStreams ran: no more readers
 	vm          *vmm.VM          // being received
+	mainNC      net.Conn         // the main connection (a failing stream interrupts its reads)
 	need        []uint64         // with postcopy: pages the source will send
 	needRanges  []wire.PageRange // the same, as the source listed them
 	done        chan struct{}
@@ -117,6 +120,9 @@ func (d *Destination) Run(ctx context.Context, ln net.Listener) (*vmm.VM, *DestR
 		return nil, d.rep, fmt.Errorf("waiting for the source: %w", context.Cause(ctx))
 	}
 	nc, conn := first.l.nc, first.l.conn
+	d.mu.Lock()
+	d.mainNC = nc
+	d.mu.Unlock()
 	start := time.Now()
 	// Reads block; a cancelled context must still end the wait.
 	stop := context.AfterFunc(ctx, func() { nc.SetReadDeadline(time.Unix(1, 0)) })
@@ -127,6 +133,8 @@ func (d *Destination) Run(ctx context.Context, ln net.Listener) (*vmm.VM, *DestR
 	d.rep.BytesRecv = conn.BytesReceived()
 	d.rep.TotalTime = time.Since(start)
 	if err != nil {
+		// Stream readers write into guest RAM: stop them before it goes.
+		d.closeStreams()
 		if vm != nil {
 			vm.Close()
 		}
@@ -219,7 +227,13 @@ func (d *Destination) readStream(l *link, n uint16) {
 		if d.streamErr == nil {
 			d.streamErr = err
 		}
+		main := d.mainNC
 		d.mu.Unlock()
+		l.close()
+		// The main connection's reader learns it now, not at Complete.
+		if main != nil {
+			main.SetReadDeadline(time.Unix(1, 0))
+		}
 		d.signalStreamed()
 	}
 	for {
@@ -244,6 +258,18 @@ func (d *Destination) readStream(l *link, n uint16) {
 		d.streamPages.Add(uint64(k))
 		d.signalStreamed()
 	}
+}
+
+// closeStreams closes the page streams, refuses new ones and waits for
+// their readers to stop writing into guest RAM.
+func (d *Destination) closeStreams() {
+	d.mu.Lock()
+	d.noStreams = true
+	for _, l := range d.streams {
+		l.close()
+	}
+	d.mu.Unlock()
+	d.readers.Wait()
 }
 
 func (d *Destination) signalStreamed() {
@@ -356,7 +382,7 @@ func (d *Destination) attach(l *link, a *wire.Attach) {
 		return
 	}
 	if a.Channel == wire.ChannelStream {
-		if d.vm == nil || int(a.Stream) >= int(d.hello.Options.Streams) {
+		if d.vm == nil || d.noStreams || int(a.Stream) >= int(d.hello.Options.Streams) {
 			refuse(fmt.Sprintf("page stream %d: the migration has %d", a.Stream, d.hello.Options.Streams))
 			return
 		}
@@ -365,7 +391,11 @@ func (d *Destination) attach(l *link, a *wire.Attach) {
 			return
 		}
 		d.streams = append(d.streams, l)
-		go d.readStream(l, a.Stream)
+		d.readers.Add(1)
+		go func() {
+			defer d.readers.Done()
+			d.readStream(l, a.Stream)
+		}()
 		return
 	}
 	if a.Channel != wire.ChannelRequests {
@@ -440,6 +470,12 @@ func (d *Destination) receive(ctx context.Context, conn *wire.Conn, hello *wire.
 			var fe *wire.FrameError
 			if errors.As(err, &fe) && !fe.Truncated && fe.Err == nil { // bad bytes, not a broken stream
 				return vm, fmt.Errorf("corrupt data from the source: %w", err)
+			}
+			d.mu.Lock()
+			serr := d.streamErr
+			d.mu.Unlock()
+			if serr != nil {
+				return vm, serr
 			}
 			return vm, fmt.Errorf("connection from the source lost: %w", err)
 		}

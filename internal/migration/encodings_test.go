@@ -55,3 +55,26 @@ func TestEncodings(t *testing.T) {
 		})
 	}
 }
+
+// TestHybridWithStreamsAndDedup: pre-copy on several streams with dup
+// records, then post-copy. The destination must drop stale pages only
+// after every stream delivered its last chunk (a late dup record copies
+// from a page that is about to be dropped); the guest checks every byte.
+func TestHybridWithStreamsAndDedup(t *testing.T) {
+	g := bootGuest(t, 256<<20, 2, "workload=verify size=16M fill=64M content=mixed fill_check=1 exit_after=9s")
+	g.beats(t, 3)
+	res := migrate(t, g, Options{Mode: ModeHybrid, PrecopyPasses: 2, Streams: 3, Dedup: true, Delta: true,
+		Codec: state.CodecLZ4, Bandwidth: 100 << 20, DowntimeLimit: time.Millisecond}, nil, nil)
+	if res.err != nil || res.dstErr != nil || res.dstEnd != nil {
+		t.Fatalf("source %v, destination %v / %v", res.err, res.dstErr, res.dstEnd)
+	}
+	logReport(t, res.rep)
+	if res.rep.Postcopy == nil || res.rep.Transfer.DupPages == 0 {
+		t.Fatalf("no post-copy or no dup records: %+v", res.rep.Transfer)
+	}
+	exit, err := res.dst.vm.Wait()
+	if err != nil || exit.Status != 0 {
+		t.Fatalf("guest ended with %v, status %d\n%s", err, exit.Status, res.dst.raw.String())
+	}
+	res.dst.clean(t, "destination")
+}

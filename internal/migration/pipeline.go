@@ -58,9 +58,9 @@ type pipeline struct {
 	pageHash  map[uint64][16]byte // pfn → hash of the content last sent
 	seeds     [2]maphash.Seed
 	snaps     chan []byte // free snapshot buffers
-	// starved is set while the writer waits for a worker: compression,
-	// not the link, is then the limit.
-	starved atomic.Bool
+	// starved counts the writers waiting for a worker: compression, not
+	// the link, is then the limit.
+	starved atomic.Int32
 }
 
 func newPipeline(x *sender) (*pipeline, error) {
@@ -77,6 +77,7 @@ func newPipeline(x *sender) (*pipeline, error) {
 	for range o.Workers {
 		enc, err := state.NewChunkEncoder(o.Codec, o.CodecLevel)
 		if err != nil {
+			p.close()
 			return nil, err
 		}
 		plain, _ := state.NewChunkEncoder(state.CodecNone, 0)
@@ -116,7 +117,7 @@ func (p *pipeline) encode(enc, plain *state.ChunkEncoder) {
 		e := enc
 		// The writer is waiting for the workers: compression is what
 		// holds the link back, so this chunk goes as it is.
-		if p.x.Opts.Codec != state.CodecNone && p.starved.Load() {
+		if p.x.Opts.Codec != state.CodecNone && p.starved.Load() > 0 {
 			e, j.plain = plain, true
 		}
 		e.Reset()
@@ -162,13 +163,30 @@ func (x *sender) sendPassPipelined(iter int, phase Phase, todo []uint64, skipZer
 	mem := x.mem.Bytes()
 	left := countSet(todo)
 	jobs := make([]*chunkJob, n)
+	// A writer stuck on a connection whose peer stopped reading must not
+	// outlive a cancel: past write deadlines end its write.
+	unstick := context.AfterFunc(ctx, func() { x.setWriteDeadlines(time.Unix(1, 0)) })
+	defer func() {
+		if !unstick() {
+			x.setWriteDeadlines(time.Time{})
+		}
+	}()
 	dispatch := func(s int) {
-		if jobs[s] == nil || jobs[s].n == 0 {
+		j := jobs[s]
+		if j == nil || j.n == 0 {
 			return
 		}
-		p.work <- jobs[s]
-		orders[s] <- jobs[s]
 		jobs[s] = nil
+		select {
+		case p.work <- j:
+		case <-ctx.Done():
+			p.freeSnap(j.snap)
+			return
+		}
+		select {
+		case orders[s] <- j: // the writer waits for the worker
+		case <-ctx.Done(): // the worker finishes it for nobody
+		}
 	}
 	err := x.forEachByHeat(todo, func(idx uint64) error {
 		if ctx.Err() != nil {
@@ -321,9 +339,9 @@ func (x *sender) writeChunks(ctx context.Context, cancel context.CancelCauseFunc
 		select {
 		case <-j.done:
 		default:
-			x.pipe.starved.Store(true)
+			x.pipe.starved.Add(1)
 			<-j.done
-			x.pipe.starved.Store(false)
+			x.pipe.starved.Add(-1)
 		}
 		x.pipe.freeSnap(j.snap)
 		if failed != nil {
@@ -385,4 +403,12 @@ func (x *sender) writeChunk(ctx context.Context, conn *wire.Conn, j *chunkJob, i
 	}
 	t.Chunks++
 	return nil
+}
+
+// setWriteDeadlines sets the write deadline of every page connection.
+func (x *sender) setWriteDeadlines(t time.Time) {
+	x.net.SetWriteDeadline(t)
+	for _, l := range x.streams {
+		l.nc.SetWriteDeadline(t)
+	}
 }

@@ -22,7 +22,9 @@ import (
 
 // startPostcopy takes the source's Postcopy message: the pages listed are
 // to come from the source; any of them received before the switch is stale
-// and dropped now.
+// and dropped when userfaultfd is on (newPCDest), after every page stream
+// has delivered its last pre-copy chunk: a late dup record may still copy
+// from a page that is to be dropped.
 func (d *Destination) startPostcopy(vm *vmm.VM, m *wire.Postcopy) error {
 	if d.postcopy {
 		return errors.New("source switched to post-copy twice")
@@ -31,9 +33,6 @@ func (d *Destination) startPostcopy(vm *vmm.VM, m *wire.Postcopy) error {
 	need, err := pages.bitmapOf(m.Need, vm.DirtyBitmapWords())
 	if err != nil {
 		return fmt.Errorf("source's post-copy page list: %w", err)
-	}
-	if err := dropPages(vm.Memory(), pages, m.Need); err != nil {
-		return err
 	}
 	d.postcopy, d.need, d.needRanges = true, need, m.Need
 	return nil
@@ -109,9 +108,10 @@ func newPCDest(d *Destination, vm *vmm.VM) (*pcDest, error) {
 		fd.Close()
 		return nil, fmt.Errorf("registering guest RAM with userfaultfd: %w", err)
 	}
-	// Restoring the machine may have touched needed pages (KVM writes
-	// the kvmclock page when its MSR is set): drop them again, now that
-	// a touch faults, so that none holds anything but the source's data.
+	// Drop the needed pages now that a touch faults: stale versions from
+	// pre-copy, and whatever restoring the machine wrote (KVM writes the
+	// kvmclock page when its MSR is set), so that none holds anything
+	// but the source's data.
 	if err := dropPages(vm.Memory(), p.pages, d.needRanges); err != nil {
 		fd.Close()
 		return nil, err

@@ -391,11 +391,17 @@ func (x *sender) precopy() error {
 			return fmt.Errorf("connection to the destination lost: %w", err)
 		}
 		remaining := float64(n) * guestmem.PageSize
-		// A short pass measures how fast the socket buffers fill, not
-		// the link: never count on more than the cap.
-		bw := it.Throughput
-		if lim := float64(x.limiter.Rate()); lim > 0 && bw > lim {
-			bw = lim
+		// What is left counts pages; the pass moved pages at this rate
+		// (compression and dedup make it faster than the wire's). A
+		// short pass measures how fast the socket buffers fill, not the
+		// link: never count on more than the cap allows.
+		bw := 0.0
+		if it.Duration > 0 && it.Pages > 0 {
+			bw = float64(it.Pages) * guestmem.PageSize / it.Duration.Seconds()
+			ratio := float64(it.Bytes) / (float64(it.Pages) * guestmem.PageSize)
+			if lim := float64(x.limiter.Rate()); lim > 0 && ratio > 0 && bw > lim/ratio {
+				bw = lim / ratio
+			}
 		}
 		x.progress.RemainingBytes = uint64(remaining)
 		x.progress.DirtyRate = it.DirtyRate

@@ -206,7 +206,7 @@ func newNodesCmd() *cobra.Command {
 }
 
 func newMigrateCmd() *cobra.Command {
-	var to, mode, bandwidth string
+	var to, mode, bandwidth, deltaCache, dirtyLimit string
 	var p migration.Params
 	var asJSON, cancel, set, finish, resume bool
 	cmd := &cobra.Command{
@@ -279,14 +279,14 @@ two seconds.`,
 				return errors.New("--to ADDR is required")
 			}
 			p.Mode, p.Bandwidth = mode, bw
-			if p.DirtyLimit, err = parseBandwidth(cmd.Flag("dirty-limit").Value.String()); err != nil {
+			if p.DirtyLimit, err = parseBandwidth(dirtyLimit); err != nil {
 				return fmt.Errorf("--dirty-limit: %w", err)
 			}
-			if dc, err := units.ParseBytes(cmd.Flag("delta-cache").Value.String()); err != nil {
+			dc, err := units.ParseBytes(deltaCache)
+			if err != nil {
 				return fmt.Errorf("--delta-cache: %w", err)
-			} else {
-				p.DeltaCache = int64(dc)
 			}
+			p.DeltaCache = int64(dc)
 			if _, err := p.Options(); err != nil {
 				return err
 			}
@@ -314,12 +314,10 @@ two seconds.`,
 	fl.StringVar(&p.Codec, "compress", "none", "compress page chunks: none, zstd[:1-22|fastest|default|better|best], lz4[:fast|1-9|hc]")
 	fl.BoolVar(&p.Dedup, "dedup", false, "send a page identical to one the destination holds as a reference to it")
 	fl.BoolVar(&p.Delta, "delta", false, "send re-dirtied pages as XBZRLE deltas to their previous version")
-	var deltaCache string
 	fl.StringVar(&deltaCache, "delta-cache", "64M", "memory for --delta's previous page versions")
 	fl.IntVar(&p.Workers, "workers", 0, "goroutines encoding and compressing chunks (default: one per CPU)")
 	fl.IntVar(&p.Streams, "streams", 1, "TCP connections carrying pre-copy pages (each page always on the same one)")
 	fl.BoolVar(&p.AutoConverge, "auto-converge", false, "pre-copy: slow the guest's vCPUs in steps while it dirties memory faster than the link carries it")
-	var dirtyLimit string
 	fl.StringVar(&dirtyLimit, "dirty-limit", "", "pre-copy: throttle the guest whenever it dirties more than this per second, e.g. 50MB or 400Mbit")
 	fl.BoolVar(&asJSON, "json", false, "print the final report as JSON")
 	fl.BoolVar(&cancel, "cancel", false, "cancel the running migration of NAME (the guest stays here; not in post-copy)")

@@ -71,6 +71,7 @@ struct config {
 	u64 fill;      /* fill= as given, bytes */
 	enum content content;
 	int fill_check;
+	int check;     /* dirty: verify each page before rewriting it */
 	u64 fill_base, fill_pages; /* fill area: right after the workload region, page aligned */
 	int have_avx;
 	u64 boot_tsc;

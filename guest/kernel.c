@@ -193,6 +193,7 @@ static void parse_cmdline(void) {
 		} else if (streq_n(tok, "size", eq)) cfg.size = parse_num(v, vn, &ok);
 		else if (streq_n(tok, "fill", eq)) cfg.fill = parse_num(v, vn, &ok);
 		else if (streq_n(tok, "fill_check", eq)) cfg.fill_check = parse_num(v, vn, &ok) != 0;
+		else if (streq_n(tok, "check", eq)) cfg.check = parse_num(v, vn, &ok) != 0;
 		else if (streq_n(tok, "rate", eq)) cfg.rate = parse_num(v, vn, &ok);
 		else if (streq_n(tok, "hb", eq)) cfg.hb_ms = parse_ms(v, vn, &ok);
 		else if (streq_n(tok, "exit_after", eq)) cfg.exit_ms = parse_ms(v, vn, &ok);

@@ -7,6 +7,7 @@
 
 struct percpu {
 	u64 base, pages;   /* this CPU's slice of the region */
+	u64 table, table_pages; /* dirty check=1: generation table at the end of the slice */
 	u64 fill_base, fill_pages, fill_first; /* its slice of the fill area; first fill page number */
 	u64 hb_seq, next_hb, last_hb_tsc;
 	u64 exit_tsc;
@@ -125,78 +126,186 @@ static void run_idle(u64 cpu) {
 
 /* ---- dirty: the shape of Appmembench ---- */
 
-static u64 next_page(struct percpu *c, u64 *pos) {
+static u64 next_page(struct percpu *c, u64 *pos, u64 pages) {
 	switch (cfg.pattern) {
 	case P_SEQ:
-		if (++*pos >= c->pages) *pos = 0;
+		if (++*pos >= pages) *pos = 0;
 		return *pos;
 	case P_RANDOM:
-		return xorshift(&c->rng) % c->pages;
+		return xorshift(&c->rng) % pages;
 	default: { /* hotcold: 90% of writes to the hottest 10% of pages */
 		u64 r = xorshift(&c->rng);
-		u64 hot = c->pages / 10 ? c->pages / 10 : 1;
+		u64 hot = pages / 10 ? pages / 10 : 1;
 		if (r % 10) return (r >> 8) % hot;
-		return (r >> 8) % c->pages;
+		return (r >> 8) % pages;
 	}
 	}
 }
 
 #define DIRTY_CHUNK 256 /* pages per write pass */
 
+/* check=1: word k of working-set page pg (counted from cfg.region_base)
+ * after its g-th write since boot (g >= 1) is dirty_word0(pg, g) + k. The
+ * generation table (a u32 per data page, 0 = never written) makes a stale
+ * page, one that missed its last write, differ from what is expected. */
+static inline u64 dirty_word0(u64 pg, u32 g) { return (pg << 32) | g; }
+
+/* dirty_report: the slow path of dirty_rewrite, which found that the
+ * page's word `from` (the first of its line) on no longer matches
+ * generation g: one FAIL line and one error for the page, with its first
+ * differing word and how many differ (the words before `from` matched),
+ * then the rest of the page is written for generation ng. */
+static __attribute__((noinline, cold)) void dirty_report(u64 cpu, u64 *w, u64 pg, u32 g, u32 ng, u64 from) {
+	u64 o = dirty_word0(pg, g), v = dirty_word0(pg, ng), first = 512, words = 0;
+	for (u64 k = from; k < 512; k++)
+		if (w[k] != o + k && !words++) first = k;
+	if (words) {
+		fail_line(cpu, "mem");
+		if (pc[cpu].reported <= MAX_FAIL_LINES) {
+			con_kvx("page", pg);
+			con_kvx("gpa", (u64)&w[first]);
+			con_kvx("offset", first * 8);
+			con_kv("gen", g);
+			con_kvx("expected", o + first);
+			con_kvx("found", w[first]);
+			con_kv("words", words);
+		}
+		fail_end(cpu);
+	}
+	for (u64 k = from; k < 512; k++) w[k] = v + k;
+}
+
+/* dirty_rewrite: every word of the page must still be what this CPU
+ * wrote at generation g; it is compared, then rewritten for generation
+ * ng, in one pass a 64-byte line at a time (each line compared before it
+ * is written): one sweep over the page costs much less than a read pass
+ * and a write pass. The first line that differs goes to dirty_report with
+ * the rest of the page unwritten, so the report is the same. Not inlined:
+ * its own registers keep the loop tight. */
+static __attribute__((noinline)) void dirty_rewrite(u64 cpu, u64 *w, u64 pg, u32 g, u32 ng) {
+	u64 o = dirty_word0(pg, g), v = dirty_word0(pg, ng);
+	for (u64 k = 0; k < 512; k += 8, o += 8, v += 8) {
+		u64 *q = w + k;
+		u64 diff = (q[0] ^ o) | (q[1] ^ (o + 1)) | (q[2] ^ (o + 2)) | (q[3] ^ (o + 3)) |
+			   (q[4] ^ (o + 4)) | (q[5] ^ (o + 5)) | (q[6] ^ (o + 6)) | (q[7] ^ (o + 7));
+		if (__builtin_expect(diff != 0, 0)) {
+			dirty_report(cpu, w, pg, g, ng, k);
+			return;
+		}
+		q[0] = v, q[1] = v + 1, q[2] = v + 2, q[3] = v + 3;
+		q[4] = v + 4, q[5] = v + 5, q[6] = v + 6, q[7] = v + 7;
+	}
+}
+
+/* dirty_layout: with check=1 the last pages of the slice hold the
+ * generation table, the rest are the pages the workload writes. */
+static void dirty_layout(struct percpu *c) {
+	c->table_pages = (c->pages * 4 + 4095) / 4096;
+	if (c->pages <= c->table_pages) {
+		con_lock();
+		con_puts("ferry-guest: FAIL what=config size too small for dirty check=1\n");
+		con_unlock();
+		guest_exit(2);
+	}
+	c->table = c->base + (c->pages - c->table_pages) * 4096;
+}
+
+/* One dirty heartbeat: the pages written since the last one and the rate. */
+static void dirty_beat(u64 cpu, u64 now, u64 *interval_pages, u64 *worst, int checking, u64 checked) {
+	struct percpu *c = &pc[cpu];
+	u64 dt = now - c->last_hb_tsc;
+	u64 dt_us = dt * 1000 / cfg.tsc_khz;
+	u64 bps = dt_us ? *interval_pages * 4096 * 1000000 / dt_us : 0;
+	con_lock();
+	con_puts("ferry-guest: hb");
+	con_kv("cpu", cpu);
+	con_kv("seq", c->hb_seq++);
+	con_kv("tsc", now);
+	con_kv("ms", (now - cfg.boot_tsc) / tsc_per_ms());
+	con_kv("pages", *interval_pages);
+	con_kv("rate", bps);
+	con_kv("worst_us", *worst * 1000 / cfg.tsc_khz);
+	if (checking) {
+		con_kv("checked", checked);
+		con_kv("errors", c->errors);
+	}
+	con_puts("\n");
+	con_unlock();
+	*interval_pages = 0;
+	*worst = 0;
+	c->last_hb_tsc = now;
+	c->next_hb = now + cfg.hb_ms * tsc_per_ms();
+}
+
 static void run_dirty(u64 cpu) {
 	struct percpu *c = &pc[cpu];
 	u64 rate = cfg.rate / cfg.ncpus; /* this CPU's share, bytes/s */
 	u64 pos = 0, stamp = 0;
 	u64 interval_pages = 0, worst = 0;
+	/* check=1: the data pages before the generation table. */
+	u32 *gen = cfg.check ? (u32 *)c->table : 0;
+	u64 npages = cfg.check ? c->pages - c->table_pages : c->pages;
+	u64 first = (c->base - cfg.region_base) / 4096, checked = 0;
+	for (u64 p = 0; gen && p < npages; p++) gen[p] = 0;
+	/* A paced CPU writes in passes of about a quarter of what one
+	 * heartbeat interval holds (at most DIRTY_CHUNK pages), so every beat
+	 * sees writes even at low rates and the reported rate stays smooth. */
+	u64 chunk = DIRTY_CHUNK;
+	if (rate) {
+		u64 per_beat = rate / 1000 * cfg.hb_ms / 4096;
+		chunk = per_beat / 4;
+		if (chunk > DIRTY_CHUNK) chunk = DIRTY_CHUNK;
+		if (chunk < 1) chunk = 1;
+	}
 	u64 start = rdtsc();
-	/* TSC ticks one chunk may take at the target rate. */
-	u64 chunk_ticks = rate ? DIRTY_CHUNK * 4096 * cfg.tsc_khz * 1000 / rate : 0;
+	/* TSC ticks one pass may take at the target rate. */
+	u64 chunk_ticks = rate ? chunk * 4096 * cfg.tsc_khz * 1000 / rate : 0;
 	u64 due = start;
 	c->last_hb_tsc = start;
 	for (;;) {
 		u64 t0 = rdtsc();
-		for (u64 j = 0; j < DIRTY_CHUNK; j++) {
-			u64 p = next_page(c, &pos);
-			/* A page write rewrites the whole page, so the rate the guest
-			 * reports is real memory bandwidth and the page changes fully. */
-			u64 *w = (u64 *)(c->base + p * 4096);
-			u64 v = stamp++ ^ (p << 20);
-			for (int k = 0; k < 512; k++) w[k] = v + (u64)k;
+		if (gen) {
+			/* check=1: verify the whole page while rewriting it with the
+			 * next generation (pages never written are not checked). */
+			for (u64 j = 0; j < chunk; j++) {
+				u64 p = next_page(c, &pos, npages);
+				u64 *w = (u64 *)(c->base + p * 4096);
+				u32 g = gen[p], ng = g + 1 ? g + 1 : 1;
+				if (g) {
+					dirty_rewrite(cpu, w, first + p, g, ng);
+					checked++;
+				} else {
+					u64 v = dirty_word0(first + p, ng);
+					for (int k = 0; k < 512; k++) w[k] = v + (u64)k;
+				}
+				gen[p] = ng;
+			}
+		} else {
+			for (u64 j = 0; j < chunk; j++) {
+				u64 p = next_page(c, &pos, npages);
+				/* A page write rewrites the whole page, so the rate the guest
+				 * reports is real memory bandwidth and the page changes fully. */
+				u64 *w = (u64 *)(c->base + p * 4096);
+				u64 v = stamp++ ^ (p << 20);
+				for (int k = 0; k < 512; k++) w[k] = v + (u64)k;
+			}
 		}
 		u64 t1 = check_tsc(cpu);
 		if (t1 - t0 > worst) worst = t1 - t0;
-		interval_pages += DIRTY_CHUNK;
+		interval_pages += chunk;
 		if (rate) {
-			/* Pace to the target rate. After a long stall (a pause, a
-			 * migration) do not burst to catch up: resume the pace. */
+			/* Pace to the target rate, beating on time while waiting.
+			 * After a long stall (a pause, a migration) do not burst to
+			 * catch up: resume the pace. */
 			due += chunk_ticks;
 			if (t1 > due + cfg.hb_ms * tsc_per_ms()) due = t1;
-			while (rdtsc() < due) {
-				if (rdtsc() >= c->next_hb) break;
-				cpu_relax();
-			}
 		}
-		u64 now = check_tsc(cpu);
-		maybe_exit(cpu, now);
-		if (now >= c->next_hb) {
-			u64 dt = now - c->last_hb_tsc;
-			u64 dt_us = dt * 1000 / cfg.tsc_khz;
-			u64 bps = dt_us ? interval_pages * 4096 * 1000000 / dt_us : 0;
-			con_lock();
-			con_puts("ferry-guest: hb");
-			con_kv("cpu", cpu);
-			con_kv("seq", c->hb_seq++);
-			con_kv("tsc", now);
-			con_kv("ms", (now - cfg.boot_tsc) / tsc_per_ms());
-			con_kv("pages", interval_pages);
-			con_kv("rate", bps);
-			con_kv("worst_us", worst * 1000 / cfg.tsc_khz);
-			con_puts("\n");
-			con_unlock();
-			interval_pages = 0;
-			worst = 0;
-			c->last_hb_tsc = now;
-			c->next_hb = now + cfg.hb_ms * tsc_per_ms();
+		for (;;) {
+			u64 now = check_tsc(cpu);
+			maybe_exit(cpu, now);
+			if (now >= c->next_hb) dirty_beat(cpu, now, &interval_pages, &worst, gen != 0, checked);
+			if (now >= due) break;
+			cpu_relax();
 		}
 	}
 }
@@ -410,6 +519,7 @@ void user_main(u64 cpu) {
 		con_unlock();
 		guest_exit(2);
 	}
+	if (cfg.workload == W_DIRTY && cfg.check) dirty_layout(c);
 	if (cfg.fill_pages) run_fill(cpu);
 	c->last_tsc = rdtsc();
 	c->next_hb = c->last_tsc + cfg.hb_ms * tsc_per_ms();
@@ -419,6 +529,10 @@ void user_main(u64 cpu) {
 	con_puts(cfg.workload == W_DIRTY ? " workload=dirty" : cfg.workload == W_VERIFY ? " workload=verify" : " workload=idle");
 	con_kvx("base", c->base);
 	con_kv("pages", c->pages);
+	if (c->table_pages) {
+		con_kvx("table", c->table);
+		con_kv("table_pages", c->table_pages);
+	}
 	con_puts("\n");
 	con_unlock();
 	switch (cfg.workload) {

@@ -254,7 +254,7 @@ two seconds.`,
   ferry migrate --resume web      # re-open a broken post-copy link now`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			bw, err := parseBandwidth(bandwidth)
+			bw, err := units.ParseRate(bandwidth)
 			if err != nil {
 				return err
 			}
@@ -279,7 +279,7 @@ two seconds.`,
 				return errors.New("--to ADDR is required")
 			}
 			p.Mode, p.Bandwidth = mode, bw
-			if p.DirtyLimit, err = parseBandwidth(dirtyLimit); err != nil {
+			if p.DirtyLimit, err = units.ParseRate(dirtyLimit); err != nil {
 				return fmt.Errorf("--dirty-limit: %w", err)
 			}
 			dc, err := units.ParseBytes(deltaCache)
@@ -383,30 +383,6 @@ func runMigrate(cmd *cobra.Command, req daemon.Request, asJSON bool) error {
 		}
 	}
 	return err
-}
-
-// parseBandwidth reads "1Gbit", "500Mbit", "100MB", "100M" (bytes) per second.
-func parseBandwidth(s string) (int64, error) {
-	if s == "" {
-		return 0, nil
-	}
-	for _, u := range []struct {
-		suffix string
-		mult   int64
-	}{{"Gbit", 1e9 / 8}, {"Mbit", 1e6 / 8}, {"Kbit", 1e3 / 8}, {"gbit", 1e9 / 8}, {"mbit", 1e6 / 8}} {
-		if len(s) > len(u.suffix) && s[len(s)-len(u.suffix):] == u.suffix {
-			var n int64
-			if _, err := fmt.Sscanf(s[:len(s)-len(u.suffix)], "%d", &n); err != nil || n <= 0 {
-				return 0, fmt.Errorf("bandwidth %q: bad number", s)
-			}
-			return n * u.mult, nil
-		}
-	}
-	n, err := units.ParseBytes(s)
-	if err != nil {
-		return 0, fmt.Errorf("bandwidth %q: use e.g. 1Gbit, 500Mbit or 100MB: %w", s, err)
-	}
-	return int64(n), nil
 }
 
 // forwardConsoleInput sends what is typed to the guest's serial port, a

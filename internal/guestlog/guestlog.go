@@ -22,7 +22,7 @@ const (
 	KindBoot      = "boot"      // kernel set-up done: cpus, tsc_khz, region...
 	KindFill      = "fill"      // one CPU filled its slice of the fill area: cpu base pages content ms took_us
 	KindStart     = "start"     // one CPU starts its workload
-	KindHeartbeat = "hb"        // idle/dirty heartbeat: cpu seq tsc pages rate worst_us
+	KindHeartbeat = "hb"        // idle/dirty heartbeat: cpu seq tsc pages rate worst_us, with dirty check=1 also checked errors
 	KindVerify    = "verify"    // verify heartbeat: cpu seq tsc passes checked mutated regs errors
 	KindFillCheck = "fillcheck" // fill_check=1 at exit: cpu base pages bad ms took_us
 	KindFail      = "FAIL"      // the guest found corruption: cpu what=mem|reg|tsc|fill|config ...
@@ -122,12 +122,34 @@ type Summary struct {
 	MaxBeatGaps map[uint64]uint64 // per CPU: largest TSC gap between heartbeats
 	FillPages   uint64            // fill pages written, all CPUs (fill lines)
 	FillChecked uint64            // fill pages checked at exit, all CPUs (fillcheck lines)
+	// Checking is set when some hb line carries the dirty workload's
+	// check=1 counters (checked, errors).
+	Checking bool
+	// Checked is the pages the guest verified, all CPUs: per CPU the
+	// largest cumulative checked= on its hb (check=1) and verify lines.
+	Checked uint64
+	// BeatErrors is the errors the guest counted, all CPUs: per CPU the
+	// largest cumulative errors= on its hb (check=1) and verify lines. It
+	// still shows errors whose FAIL lines were capped or printed on a
+	// console no one read (the source of a migration).
+	BeatErrors uint64
+}
+
+// HasCheck reports whether a heartbeat carries verification counters:
+// verify lines, and hb lines of the dirty workload with check=1.
+func HasCheck(l Line) bool {
+	if l.Kind == KindVerify {
+		return true
+	}
+	_, ok := l.Fields["checked"]
+	return l.Kind == KindHeartbeat && ok
 }
 
 // Summarize folds protocol lines into a Summary.
 func Summarize(lines []Line) Summary {
 	s := Summary{MaxBeatGaps: map[uint64]uint64{}}
 	last := map[uint64]uint64{}
+	checked, errs := map[uint64]uint64{}, map[uint64]uint64{}
 	for _, l := range lines {
 		switch l.Kind {
 		case KindBoot:
@@ -140,6 +162,11 @@ func Summarize(lines []Line) Summary {
 				s.MaxBeatGaps[cpu] = tsc - prev
 			}
 			last[cpu] = tsc
+			if HasCheck(l) {
+				s.Checking = s.Checking || l.Kind == KindHeartbeat
+				checked[cpu] = max(checked[cpu], l.MustUint("checked"))
+				errs[cpu] = max(errs[cpu], l.MustUint("errors"))
+			}
 		case KindFill:
 			s.FillPages += l.MustUint("pages")
 		case KindFillCheck:
@@ -152,6 +179,12 @@ func Summarize(lines []Line) Summary {
 			s.Exited = true
 			s.ExitErrors = l.MustUint("errors")
 		}
+	}
+	for _, n := range checked {
+		s.Checked += n
+	}
+	for _, n := range errs {
+		s.BeatErrors += n
 	}
 	return s
 }
@@ -167,6 +200,8 @@ func (s Summary) Healthy() error {
 		return fmt.Errorf("guest found %d failures, first: %s", len(s.Failures), s.Failures[0].Raw)
 	case s.ExitErrors > 0:
 		return fmt.Errorf("guest exited reporting %d errors", s.ExitErrors)
+	case s.BeatErrors > 0:
+		return fmt.Errorf("guest heartbeats report %d errors", s.BeatErrors)
 	case s.Heartbeats == 0:
 		return fmt.Errorf("guest never printed a heartbeat")
 	}

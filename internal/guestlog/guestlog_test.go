@@ -86,6 +86,9 @@ func FuzzParse(f *testing.F) {
 	for _, l := range strings.Split(fillSample, "\n") {
 		f.Add(l)
 	}
+	for _, l := range strings.Split(checkSample, "\n") {
+		f.Add(l)
+	}
 	f.Add(`ferry-guest: boot cmdline="unterminated`)
 	f.Fuzz(func(t *testing.T, s string) {
 		l, ok := Parse(s)
@@ -116,5 +119,56 @@ func TestWorkRate(t *testing.T) {
 	}
 	if r := WorkRate(lines, at.Add(20*time.Second), at.Add(30*time.Second)); r != 0 {
 		t.Fatalf("empty window: rate %f", r)
+	}
+}
+
+const checkSample = `ferry-guest: boot cpus=2 tsc_khz=2596140 apic_hz=1000000000 avx=1 region=0x400000 region_mb=64 boot_ms=18 cmdline="workload=dirty size=64M check=1"
+ferry-guest: start cpu=0 workload=dirty base=0x400000 pages=8192 table=0x23f8000 table_pages=8
+ferry-guest: hb cpu=0 seq=0 tsc=1000 ms=100 pages=2560 rate=104857600 worst_us=100 checked=0 errors=0
+ferry-guest: hb cpu=1 seq=0 tsc=1000 ms=100 pages=2560 rate=104857600 worst_us=100 checked=0 errors=0
+ferry-guest: hb cpu=0 seq=1 tsc=2000 ms=200 pages=2560 rate=104857600 worst_us=100 checked=900 errors=0
+ferry-guest: hb cpu=1 seq=1 tsc=2000 ms=200 pages=2560 rate=104857600 worst_us=100 checked=1000 errors=0
+ferry-guest: hb cpu=0 seq=2 tsc=3000 ms=300 pages=2560 rate=104857600 worst_us=100 checked=3400 errors=0
+ferry-guest: hb cpu=1 seq=2 tsc=3000 ms=300 pages=2560 rate=104857600 worst_us=100 checked=3500 errors=2
+`
+
+func TestCheckCounters(t *testing.T) {
+	lines, err := ParseAll(strings.NewReader(checkSample))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := Summarize(lines)
+	// The FAIL lines went to a console no one read: the counters still tell.
+	if !s.Checking || s.Checked != 6900 || s.BeatErrors != 2 || len(s.Failures) != 0 {
+		t.Fatalf("summary %+v", s)
+	}
+	if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), "2 errors") {
+		t.Fatalf("Healthy() = %v", err)
+	}
+	clean := Summarize(lines[:len(lines)-1])
+	if err := clean.Healthy(); err != nil || clean.Checked != 4400 {
+		t.Fatalf("without the last line: checked %d, Healthy() = %v", clean.Checked, err)
+	}
+	// check=0 heartbeats carry no counters.
+	plain, _ := ParseAll(strings.NewReader(sample))
+	if ps := Summarize(plain); ps.Checking || ps.Checked != 0 || ps.BeatErrors != 0 || HasCheck(plain[2]) {
+		t.Fatalf("check=0 summary %+v", ps)
+	}
+
+	at := time.Unix(1000, 0)
+	var timed []TimedLine
+	for i, l := range lines {
+		timed = append(timed, TimedLine{At: at.Add(time.Duration(i) * time.Second), Line: l})
+	}
+	// Everything: since boot.
+	if c, e := Checks(timed, time.Time{}, at.Add(time.Hour)); c != 6900 || e != 2 {
+		t.Fatalf("Checks over all: %d checked, %d errors", c, e)
+	}
+	// After the seq=1 beats (lines 4 and 5 arrive at +4 s, +5 s).
+	if c, e := Checks(timed, at.Add(5*time.Second), at.Add(time.Hour)); c != 5000 || e != 2 {
+		t.Fatalf("Checks after seq 1: %d checked, %d errors", c, e)
+	}
+	if c, e := Checks(timed, at.Add(time.Hour), at.Add(2*time.Hour)); c != 0 || e != 0 {
+		t.Fatalf("Checks over an empty window: %d checked, %d errors", c, e)
 	}
 }

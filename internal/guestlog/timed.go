@@ -145,3 +145,40 @@ func WorkRate(lines []TimedLine, from, to time.Time) float64 {
 	}
 	return rate
 }
+
+// Checks is the guest's own verification over the lines that arrived in
+// [from, to]: pages checked (dirty check=1 hb lines, verify lines) and
+// errors counted, summed over CPUs. Both counters are cumulative in the
+// guest, so per CPU it is its last beat in the window less its last beat
+// at or before from (nothing before from: since boot). Lines from a
+// migration's source and destination merged by arrival time, with from
+// the switch, give what the guest checked and found on the destination.
+func Checks(lines []TimedLine, from, to time.Time) (checked, errors uint64) {
+	type count struct{ base, last [2]uint64 }
+	per := map[uint64]*count{}
+	for _, tl := range lines {
+		l := tl.Line
+		if !HasCheck(l) || tl.At.After(to) {
+			continue
+		}
+		cpu, err := l.Uint("cpu")
+		if err != nil {
+			continue
+		}
+		c := per[cpu]
+		if c == nil {
+			c = &count{}
+			per[cpu] = c
+		}
+		v := [2]uint64{l.MustUint("checked"), l.MustUint("errors")}
+		if !tl.At.After(from) {
+			c.base = v
+		}
+		c.last = v
+	}
+	for _, c := range per {
+		checked += c.last[0] - min(c.base[0], c.last[0])
+		errors += c.last[1] - min(c.base[1], c.last[1])
+	}
+	return checked, errors
+}

@@ -60,3 +60,29 @@ func FormatBytes(n uint64) string {
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
 }
+
+// ParseRate reads a rate per second: bits ("1Gbit", "500Mbit", "64Kbit")
+// or bytes as ParseBytes reads them ("100MB", "100M"). It returns bytes
+// per second; "" is 0 (no rate).
+func ParseRate(s string) (int64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"gbit", 1e9 / 8}, {"mbit", 1e6 / 8}, {"kbit", 1e3 / 8}} {
+		if len(s) > len(u.suffix) && strings.EqualFold(s[len(s)-len(u.suffix):], u.suffix) {
+			n, err := strconv.ParseInt(s[:len(s)-len(u.suffix)], 10, 64)
+			if err != nil || n <= 0 {
+				return 0, fmt.Errorf("rate %q: bad number", s)
+			}
+			return n * u.mult, nil
+		}
+	}
+	n, err := ParseBytes(s)
+	if err != nil {
+		return 0, fmt.Errorf("rate %q: use e.g. 1Gbit, 500Mbit or 100MB: %w", s, err)
+	}
+	return int64(n), nil
+}

@@ -23,6 +23,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ferry-vmm/ferry/internal/guestlog"
 	"github.com/ferry-vmm/ferry/internal/units"
 	"github.com/ferry-vmm/ferry/internal/version"
 )
@@ -166,10 +167,26 @@ func runOne(ctx context.Context, sys system, lab *Lab, s *Spec, link Link, prefi
 		r.Error = err.Error()
 	}
 	obs.fill(&r, s.HB)
+	r.Guest = guestAsSeen(r.Guest, obs.Src.Lines())
 	if r.GuestErrors > 0 && r.Error == "" {
 		r.Error = fmt.Sprintf("the guest saw %d errors", r.GuestErrors)
 	}
 	return r
+}
+
+// guestAsSeen corrects the working set to what the guest's boot line says
+// it used: it clamps size= to its largest free RAM range.
+func guestAsSeen(g Guest, lines []guestlog.TimedLine) Guest {
+	for _, tl := range lines {
+		if tl.Line.Kind != guestlog.KindBoot {
+			continue
+		}
+		if mb, err := tl.Line.Uint("region_mb"); err == nil && g.WorkingSet > 0 && int64(mb)<<20 < g.WorkingSet {
+			g.WorkingSetAsked, g.WorkingSet = g.WorkingSet, int64(mb)<<20
+		}
+		break
+	}
+	return g
 }
 
 // oneLine is the progress line of a run.

@@ -74,12 +74,15 @@ type Result struct {
 type Guest struct {
 	MemMiB     int    `json:"mem_mib"`
 	CPUs       int    `json:"cpus"`
-	Workload   string `json:"workload"` // "dirty", "idle"
-	WorkingSet int64  `json:"working_set_bytes,omitempty"`
-	DirtyRate  int64  `json:"dirty_rate,omitempty"` // bytes/s asked of the guest
-	Fill       int64  `json:"fill_bytes,omitempty"`
-	Content    string `json:"content,omitempty"`
-	Cmdline    string `json:"cmdline"`
+	Workload   string `json:"workload"`                    // "dirty", "idle"
+	WorkingSet int64  `json:"working_set_bytes,omitempty"` // as the guest reported it (boot line)
+	// WorkingSetAsked is size= when the guest used less (it clamps the
+	// working set to its largest free RAM range).
+	WorkingSetAsked int64  `json:"working_set_asked_bytes,omitempty"`
+	DirtyRate       int64  `json:"dirty_rate,omitempty"` // bytes/s asked of the guest
+	Fill            int64  `json:"fill_bytes,omitempty"`
+	Content         string `json:"content,omitempty"`
+	Cmdline         string `json:"cmdline"`
 }
 
 // Link is the shaped link the run crossed.

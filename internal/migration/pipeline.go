@@ -2,6 +2,7 @@ package migration
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"hash/maphash"
 	"sync"
@@ -188,9 +189,22 @@ func (x *sender) sendPassPipelined(iter int, phase Phase, todo []uint64, skipZer
 		case <-ctx.Done(): // the worker finishes it for nobody
 		}
 	}
+	// A pre-copy pass with a time bound stops where the bound falls; the
+	// pages it did not reach are left in x.unsent for the switch.
+	deadline := x.passDeadline
+	var visited []uint64
+	if !deadline.IsZero() {
+		visited = make([]uint64, len(todo))
+	}
 	err := x.forEachByHeat(todo, func(idx uint64) error {
 		if ctx.Err() != nil {
 			return context.Cause(ctx)
+		}
+		if visited != nil {
+			if time.Now().After(deadline) {
+				return errPassCut
+			}
+			setBit(visited, idx)
 		}
 		left--
 		x.left.Store(left)
@@ -232,6 +246,11 @@ func (x *sender) sendPassPipelined(iter int, phase Phase, todo []uint64, skipZer
 		}
 		return nil
 	})
+	x.unsent = nil
+	if errors.Is(err, errPassCut) {
+		err, it.Cut = nil, true
+		x.unsent = x.unreached(todo, visited)
+	}
 	for s := range n {
 		dispatch(s)
 		close(orders[s])
@@ -252,6 +271,29 @@ func (x *sender) sendPassPipelined(iter int, phase Phase, todo []uint64, skipZer
 	x.rep.PagesSent += it.Pages
 	x.rep.PagesResent += it.Resent
 	return it, nil
+}
+
+// errPassCut ends a pass at its deadline.
+var errPassCut = errors.New("pass cut at its time bound")
+
+// unreached is the pages of todo a cut pass did not visit that the
+// destination must still get: those sent before, and those that hold data
+// (a page never sent that is zero is zero there too; if the guest writes
+// it after this look, the dirty log has it).
+func (x *sender) unreached(todo, visited []uint64) []uint64 {
+	mem := x.mem.Bytes()
+	out := make([]uint64, len(todo))
+	for w := range todo {
+		out[w] = todo[w] &^ visited[w]
+	}
+	forEachSet(out, func(idx uint64) error {
+		off := idx * guestmem.PageSize
+		if !hasBit(x.sent, idx) && isZeroPage(mem[off:off+guestmem.PageSize]) {
+			clearBit(out, idx)
+		}
+		return nil
+	})
+	return out
 }
 
 // chooseEncoding picks, for record i of job (page pfn with content snap),

@@ -482,6 +482,13 @@ func (p *pcSource) takeLocked(max int) []uint64 {
 		out = append(out, idx)
 	}
 	pages := uint64(len(p.need)) * 64
+	if len(p.hot) > 0 {
+		// The linear push goes on after the latest fault's window: a guest
+		// that walks its memory then finds the pages it needs next already
+		// on the way instead of faulting every window (QEMU's post-copy
+		// does the same; ferry bench showed the walk faulting otherwise).
+		p.cursor = min(p.hot[len(p.hot)-1]+prepageWindow, pages)
+	}
 	for len(p.hot) > 0 && len(out) < max {
 		h := p.hot[len(p.hot)-1]
 		p.hot = p.hot[:len(p.hot)-1]

@@ -368,3 +368,48 @@ func TestPostcopyPageTouchedDuringRestore(t *testing.T) {
 	res.dst.beats(t, 30)
 	res.dst.clean(t, "destination")
 }
+
+// TestTimeBoundsCutThePass: a first pass far longer than hybrid's
+// pre-copy time (or the forced switch) is cut where the bound falls, not
+// run to its end; the pages it did not reach still arrive (post-copy's
+// push, or the stop-and-copy), which the guest proves by checking its
+// untouched fill area at exit.
+func TestTimeBoundsCutThePass(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		opts   Options
+		reason string
+	}{
+		{"hybrid", Options{Mode: ModeHybrid, PrecopyTime: 300 * time.Millisecond, Bandwidth: 32 << 20}, SwitchHybridTime},
+		{"precopy-forced", Options{Mode: ModePreCopy, PrecopyTimeout: 300 * time.Millisecond, Bandwidth: 32 << 20}, SwitchTimeout},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			g := bootGuest(t, 256<<20, 2, "workload=verify size=32M fill=96M content=mixed fill_check=1 exit_after=8s")
+			g.beats(t, 3)
+			res := migrate(t, g, c.opts, nil, nil)
+			if res.err != nil || res.dstErr != nil || res.dstEnd != nil {
+				t.Fatalf("migration failed: source %v, destination %v, destination end %v", res.err, res.dstErr, res.dstEnd)
+			}
+			logReport(t, res.rep)
+			first := res.rep.Iterations[0]
+			// 128 MiB at 32 MiB/s is a 4 s pass: cut at 0.3 s.
+			if !first.Cut || res.rep.SwitchReason != c.reason || res.rep.PrecopyTime > 2*time.Second {
+				t.Fatalf("first pass cut %v after %s, switch %q: want a cut near 300ms and %q", first.Cut, res.rep.PrecopyTime, res.rep.SwitchReason, c.reason)
+			}
+			exit, err := res.dst.vm.Wait()
+			if err != nil || exit.Status != 0 {
+				t.Fatalf("guest ended with %v status %d\n%s", err, exit.Status, res.dst.raw.String())
+			}
+			res.dst.clean(t, "destination")
+			checks := 0
+			for _, tl := range res.dst.con.Lines() {
+				if tl.Line.Kind == guestlog.KindFillCheck {
+					checks++
+				}
+			}
+			if checks != 2 {
+				t.Fatalf("%d fillcheck lines, want one per CPU\n%s", checks, res.dst.raw.String())
+			}
+		})
+	}
+}

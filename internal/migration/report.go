@@ -80,6 +80,7 @@ type Iteration struct {
 	Throughput float64       `json:"throughput"`            // bytes/s on the wire
 	DupPages   uint64        `json:"dup_pages,omitempty"`   // sent as references to identical pages
 	DeltaPages uint64        `json:"delta_pages,omitempty"` // sent as deltas to their previous version
+	Cut        bool          `json:"cut,omitempty"`         // stopped at the pre-copy time bound (hybrid, forced switch)
 }
 
 // ThrottleReport says how much the guest was slowed during pre-copy

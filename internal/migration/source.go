@@ -114,6 +114,10 @@ type sender struct {
 	bytesBefore uint64
 	chunks      uint64 // Pages messages sent
 	chunkBytes  uint64 // bytes of their chunks
+	// passDeadline cuts the current pre-copy pass (zero: none); unsent
+	// is what a cut pass did not reach and the destination still needs.
+	passDeadline time.Time
+	unsent       []uint64
 }
 
 // Dialer opens a connection to the destination (a mutually authenticated
@@ -370,7 +374,12 @@ func (x *sender) precopy() error {
 		return err
 	}
 	for iter := 0; ; iter++ {
+		// A pass stops where a time bound falls, not at its end: a first
+		// pass over a big guest can outlast hybrid's pre-copy time (or the
+		// forced switch) many times over.
+		x.passDeadline = precopyStart.Add(x.precopyBound())
 		it, err := x.sendPassPipelined(iter, PhasePreCopy, todo, iter == 0)
+		x.passDeadline = time.Time{}
 		if err != nil {
 			return err
 		}
@@ -378,6 +387,12 @@ func (x *sender) precopy() error {
 		n, err := x.VM.FetchDirty(dirty)
 		if err != nil {
 			return err
+		}
+		if x.unsent != nil {
+			for i := range dirty {
+				dirty[i] |= x.unsent[i]
+			}
+			n, x.unsent = int(countSet(dirty)), nil
 		}
 		x.warm(dirty)
 		it.DirtyPages = uint64(n)
@@ -442,6 +457,16 @@ func (x *sender) precopy() error {
 		}
 		return x.handover(dirty)
 	}
+}
+
+// precopyBound is the longest pre-copy may run: hybrid's pre-copy time
+// or the forced switch, whichever comes first.
+func (x *sender) precopyBound() time.Duration {
+	bound := x.Opts.PrecopyTimeout
+	if x.Opts.Mode == ModeHybrid && x.Opts.PrecopyTime > 0 {
+		bound = min(bound, x.Opts.PrecopyTime)
+	}
+	return bound
 }
 
 // dataPages is a bitmap of the pages that may hold data: the memfd's

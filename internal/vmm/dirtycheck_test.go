@@ -1,7 +1,6 @@
 package vmm
 
 import (
-	"context"
 	"encoding/binary"
 	"sort"
 	"strings"
@@ -252,18 +251,7 @@ func TestDirtyCheckDetectsCorruption(t *testing.T) {
 // TestDirtyCheckConfig: a slice with no room for the generation table
 // and a page is a configuration error, like the other layout errors.
 func TestDirtyCheckConfig(t *testing.T) {
-	vm, out := bootGuest(t, 1, "workload=dirty size=4K check=1")
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	exit, err := vm.Run(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, sum := parseConsole(t, out)
-	if exit.Reason != ExitGuest || exit.Status != 2 || len(sum.Failures) != 1 || sum.Failures[0].Fields["what"] != "config" {
-		t.Fatalf("exit %+v: want status 2 and a config failure\n%s", exit, out.String())
-	}
-	t.Logf("guest reported: %s", sum.Failures[0].Raw)
+	requireConfigFailure(t, "workload=dirty size=4K check=1")
 }
 
 // TestDirtyCheckCost measures what check=1 costs the dirty workload flat

@@ -383,19 +383,24 @@ func TestFillConfig(t *testing.T) {
 		}
 	})
 	for _, cmd := range []string{"size=200M fill=200M", "fill=1G"} {
-		t.Run(cmd, func(t *testing.T) {
-			vm, out := bootGuest(t, 1, "workload=verify "+cmd)
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			exit, err := vm.Run(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			_, sum := parseConsole(t, out)
-			if exit.Reason != ExitGuest || exit.Status != 2 || len(sum.Failures) != 1 || sum.Failures[0].Fields["what"] != "config" {
-				t.Fatalf("exit %+v: want status 2 and a config failure\n%s", exit, out.String())
-			}
-			t.Logf("guest reported: %s", sum.Failures[0].Raw)
-		})
+		t.Run(cmd, func(t *testing.T) { requireConfigFailure(t, "workload=verify "+cmd) })
 	}
+}
+
+// requireConfigFailure boots a one-CPU guest with cmdline and requires it
+// to refuse its layout: exit status 2 and one FAIL what=config line.
+func requireConfigFailure(t *testing.T, cmdline string) {
+	t.Helper()
+	vm, out := bootGuest(t, 1, cmdline)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	exit, err := vm.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sum := parseConsole(t, out)
+	if exit.Reason != ExitGuest || exit.Status != 2 || len(sum.Failures) != 1 || sum.Failures[0].Fields["what"] != "config" {
+		t.Fatalf("exit %+v: want status 2 and a config failure\n%s", exit, out.String())
+	}
+	t.Logf("guest reported: %s", sum.Failures[0].Raw)
 }

@@ -46,6 +46,19 @@ func (q *qemuSystem) options(s *Spec, h Host, obs *Observation) qemu.Options {
 		Console: console, Wrapper: h.Wrapper()}
 }
 
+// bootSource starts the guest on the source and lets it warm up.
+func (q *qemuSystem) bootSource(ctx context.Context, s *Spec, obs *Observation) (*qemu.Instance, error) {
+	src, err := qemu.Start(ctx, q.options(s, q.lab.Source, obs))
+	if err != nil {
+		return nil, fmt.Errorf("starting QEMU on the source: %w", err)
+	}
+	if err := s.warmUp(ctx, obs.Src); err != nil {
+		src.Close()
+		return nil, err
+	}
+	return src, nil
+}
+
 // qemuVariants are QEMU's counterparts of ferry's optimizations: XBZRLE
 // delta encoding, and multifd (parallel streams) with and without zstd.
 var qemuVariants = map[string]struct {
@@ -67,14 +80,11 @@ func (q *qemuSystem) Migrate(ctx context.Context, s *Spec, obs *Observation) err
 	if !ok || !vok {
 		return fmt.Errorf("qemu: no %s %s", s.Technique, s.Variant)
 	}
-	src, err := qemu.Start(ctx, q.options(s, q.lab.Source, obs))
+	src, err := q.bootSource(ctx, s, obs)
 	if err != nil {
-		return fmt.Errorf("starting QEMU on the source: %w", err)
-	}
-	defer src.Close()
-	if err := s.warmUp(ctx, obs.Src); err != nil {
 		return err
 	}
+	defer src.Close()
 	obs.Begin(ctx)
 	o := q.options(s, q.lab.Dest, obs)
 	o.Incoming = "defer"
@@ -104,14 +114,11 @@ func (q *qemuSystem) Offline(ctx context.Context, s *Spec, obs *Observation) err
 	if s.Variant != "raw" {
 		return fmt.Errorf("qemu: no offline variant %q", s.Variant)
 	}
-	src, err := qemu.Start(ctx, q.options(s, q.lab.Source, obs))
+	src, err := q.bootSource(ctx, s, obs)
 	if err != nil {
-		return fmt.Errorf("starting QEMU on the source: %w", err)
-	}
-	defer src.Close()
-	if err := s.warmUp(ctx, obs.Src); err != nil {
 		return err
 	}
+	defer src.Close()
 	name := s.vmName()
 	saved := filepath.Join(q.dir, name+".src.qemu")
 	moved := filepath.Join(q.dir, name+".dst.qemu")

@@ -388,11 +388,14 @@ func (x *sender) precopy() error {
 		if err != nil {
 			return err
 		}
+		// What is left: the pages dirtied (n, the guest's dirty rate) and
+		// those a cut pass did not reach.
+		pending := n
 		if x.unsent != nil {
 			for i := range dirty {
 				dirty[i] |= x.unsent[i]
 			}
-			n, x.unsent = int(countSet(dirty)), nil
+			pending, x.unsent = int(countSet(dirty)), nil
 		}
 		x.warm(dirty)
 		it.DirtyPages = uint64(n)
@@ -405,7 +408,7 @@ func (x *sender) precopy() error {
 		if err := x.conn.WriteMsg(&wire.IterationDone{Iteration: uint32(iter), PagesSent: it.Pages, BytesSent: it.Bytes, DirtyPages: uint64(n)}); err != nil {
 			return fmt.Errorf("connection to the destination lost: %w", err)
 		}
-		remaining := float64(n) * guestmem.PageSize
+		remaining := float64(pending) * guestmem.PageSize
 		// What is left counts pages; the pass moved pages at this rate
 		// (compression and dedup make it faster than the wire's). A
 		// short pass measures how fast the socket buffers fill, not the

@@ -1,5 +1,7 @@
-// Command mkinitramfs writes a gzip-compressed cpio archive in the "newc"
-// format that the Linux kernel unpacks as its initramfs.
+// Command mkinitramfs writes a cpio archive in the "newc" format that the
+// Linux kernel unpacks as its initramfs (internal/cpio), gzip-compressed
+// when the output name ends in .gz and plain otherwise (a plain archive
+// unpacks faster where the kernel itself is emulated, as in the lab).
 //
 // The archive is described by a spec in the format of the kernel's
 // usr/gen_init_cpio, one entry a line ('#' starts a comment):
@@ -24,33 +26,16 @@ package main
 import (
 	"bufio"
 	"compress/gzip"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
-	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
-)
 
-// File type bits of the cpio mode field (the same values as in stat(2)).
-const (
-	modeDir  = 0o040000
-	modeReg  = 0o100000
-	modeLink = 0o120000
-	modeChr  = 0o020000
-	modeBlk  = 0o060000
+	"github.com/ferry-vmm/ferry/internal/cpio"
 )
-
-type entry struct {
-	name         string // without a leading slash
-	mode         uint32 // type bits | permission bits
-	uid, gid     uint32
-	data         []byte // file contents or link target
-	major, minor uint32 // device number, for nod entries
-}
 
 func main() {
 	out := flag.String("o", "initrd.cpio.gz", "output file")
@@ -90,7 +75,7 @@ func main() {
 	if err != nil {
 		fatalf("%v", err)
 	}
-	entries = addParents(entries)
+	entries = cpio.WithParents(entries)
 	if err := writeArchive(*out, entries, uint32(*mtime)); err != nil {
 		fatalf("%v", err)
 	}
@@ -101,8 +86,8 @@ func fatalf(format string, args ...any) {
 	os.Exit(1)
 }
 
-func parseSpec(r io.Reader, specName string) ([]entry, error) {
-	var entries []entry
+func parseSpec(r io.Reader, specName string) ([]cpio.Entry, error) {
+	var entries []cpio.Entry
 	seen := map[string]bool{}
 	sc := bufio.NewScanner(r)
 	for lineNo := 1; sc.Scan(); lineNo++ {
@@ -118,10 +103,10 @@ func parseSpec(r io.Reader, specName string) ([]entry, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s:%d: %v", specName, lineNo, err)
 		}
-		if seen[e.name] {
-			return nil, fmt.Errorf("%s:%d: %q is listed twice", specName, lineNo, "/"+e.name)
+		if seen[e.Name] {
+			return nil, fmt.Errorf("%s:%d: %q is listed twice", specName, lineNo, "/"+e.Name)
 		}
-		seen[e.name] = true
+		seen[e.Name] = true
 		entries = append(entries, e)
 	}
 	if err := sc.Err(); err != nil {
@@ -130,21 +115,21 @@ func parseSpec(r io.Reader, specName string) ([]entry, error) {
 	return entries, nil
 }
 
-func parseLine(f []string) (entry, error) {
+func parseLine(f []string) (cpio.Entry, error) {
 	want := map[string]int{"dir": 5, "file": 6, "slink": 6, "nod": 8}
 	n, ok := want[f[0]]
 	if !ok {
-		return entry{}, fmt.Errorf("unknown entry type %q", f[0])
+		return cpio.Entry{}, fmt.Errorf("unknown entry type %q", f[0])
 	}
 	if len(f) != n {
-		return entry{}, fmt.Errorf("%s takes %d fields, got %d", f[0], n-1, len(f)-1)
+		return cpio.Entry{}, fmt.Errorf("%s takes %d fields, got %d", f[0], n-1, len(f)-1)
 	}
-	var e entry
-	name := path.Clean("/" + f[1])
-	if name == "/" {
-		return e, errors.New("the root directory cannot be an entry")
+	var e cpio.Entry
+	name, err := cpio.Clean(f[1])
+	if err != nil {
+		return e, err
 	}
-	e.name = name[1:]
+	e.Name = name
 
 	// Mode, uid and gid follow the name, or the name and a source/target.
 	rest := f[2:]
@@ -163,11 +148,11 @@ func parseLine(f []string) (entry, error) {
 	if err != nil {
 		return e, fmt.Errorf("bad gid %q", rest[2])
 	}
-	e.mode, e.uid, e.gid = uint32(perm), uint32(uid), uint32(gid)
+	e.Mode, e.UID, e.GID = uint32(perm), uint32(uid), uint32(gid)
 
 	switch f[0] {
 	case "dir":
-		e.mode |= modeDir
+		e.Mode |= cpio.ModeDir
 	case "file":
 		st, err := os.Stat(f[2])
 		if err != nil {
@@ -176,19 +161,19 @@ func parseLine(f []string) (entry, error) {
 		if !st.Mode().IsRegular() {
 			return e, fmt.Errorf("%s is not a regular file", f[2])
 		}
-		if e.data, err = os.ReadFile(f[2]); err != nil {
+		if e.Data, err = os.ReadFile(f[2]); err != nil {
 			return e, err
 		}
-		e.mode |= modeReg
+		e.Mode |= cpio.ModeReg
 	case "slink":
-		e.data = []byte(f[2])
-		e.mode |= modeLink
+		e.Data = []byte(f[2])
+		e.Mode |= cpio.ModeLink
 	case "nod":
 		switch rest[3] {
 		case "c":
-			e.mode |= modeChr
+			e.Mode |= cpio.ModeChr
 		case "b":
-			e.mode |= modeBlk
+			e.Mode |= cpio.ModeBlk
 		default:
 			return e, fmt.Errorf("device type %q is neither c nor b", rest[3])
 		}
@@ -200,51 +185,12 @@ func parseLine(f []string) (entry, error) {
 		if err != nil {
 			return e, fmt.Errorf("bad minor %q", rest[5])
 		}
-		e.major, e.minor = uint32(major), uint32(minor)
+		e.Major, e.Minor = uint32(major), uint32(minor)
 	}
 	return e, nil
 }
 
-// addParents makes every directory come before the entries inside it,
-// since the kernel does not create missing parents when it unpacks an
-// archive. A directory listed later in the spec is moved forward, with
-// the mode the spec gives it; one not listed at all is added with 0755.
-func addParents(entries []entry) []entry {
-	dirs := map[string]entry{}
-	for _, e := range entries {
-		if e.mode&0o170000 == modeDir {
-			dirs[e.name] = e
-		}
-	}
-	var out []entry
-	done := map[string]bool{}
-	for _, e := range entries {
-		var parents []string
-		for d := path.Dir(e.name); d != "."; d = path.Dir(d) {
-			parents = append(parents, d)
-		}
-		for i := len(parents) - 1; i >= 0; i-- {
-			d := parents[i]
-			if done[d] {
-				continue
-			}
-			p, ok := dirs[d]
-			if !ok {
-				p = entry{name: d, mode: modeDir | 0o755}
-			}
-			out = append(out, p)
-			done[d] = true
-		}
-		if done[e.name] {
-			continue // a directory already moved forward
-		}
-		out = append(out, e)
-		done[e.name] = true
-	}
-	return out
-}
-
-func writeArchive(out string, entries []entry, mtime uint32) error {
+func writeArchive(out string, entries []cpio.Entry, mtime uint32) error {
 	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp*")
 	if err != nil {
 		return err
@@ -252,22 +198,24 @@ func writeArchive(out string, entries []entry, mtime uint32) error {
 	defer os.Remove(tmp.Name()) // no-op after a successful rename
 
 	bw := bufio.NewWriter(tmp)
-	zw, err := gzip.NewWriterLevel(bw, gzip.BestCompression)
-	if err != nil {
-		return err
+	var w io.Writer = bw
+	var zw *gzip.Writer
+	if strings.HasSuffix(out, ".gz") {
+		if zw, err = gzip.NewWriterLevel(bw, gzip.BestCompression); err != nil {
+			tmp.Close()
+			return err
+		}
+		w = zw
 	}
-	cw := &cpioWriter{w: zw, mtime: mtime}
-	for _, e := range entries {
-		cw.add(e)
-	}
-	cw.trailer()
-	if cw.err != nil {
-		tmp.Close()
-		return cw.err
-	}
-	if err := zw.Close(); err != nil {
+	if err := cpio.Write(w, entries, mtime); err != nil {
 		tmp.Close()
 		return err
+	}
+	if zw != nil {
+		if err := zw.Close(); err != nil {
+			tmp.Close()
+			return err
+		}
 	}
 	if err := bw.Flush(); err != nil {
 		tmp.Close()
@@ -281,57 +229,4 @@ func writeArchive(out string, entries []entry, mtime uint32) error {
 		return err
 	}
 	return os.Rename(tmp.Name(), out)
-}
-
-// cpioWriter writes newc ("070701") records: a 110-byte ASCII header of
-// the magic and thirteen 8-digit hex fields, the NUL-terminated name, and
-// the data, with the name and the data each padded to a multiple of four
-// bytes from the start of the archive.
-type cpioWriter struct {
-	w     io.Writer
-	off   int64
-	ino   uint32
-	mtime uint32
-	err   error
-}
-
-func (c *cpioWriter) write(b []byte) {
-	if c.err != nil {
-		return
-	}
-	n, err := c.w.Write(b)
-	c.off += int64(n)
-	c.err = err
-}
-
-func (c *cpioWriter) pad() {
-	if r := c.off % 4; r != 0 {
-		c.write(make([]byte, 4-r))
-	}
-}
-
-func (c *cpioWriter) record(ino uint32, name string, mode, uid, gid, nlink, mtime uint32, data []byte, major, minor uint32) {
-	hdr := fmt.Sprintf("070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
-		ino, mode, uid, gid, nlink, mtime, uint32(len(data)),
-		0, 0, // major and minor of the device holding the file
-		major, minor, // the device a node stands for
-		uint32(len(name)+1), 0) // name size with its NUL, checksum (unused)
-	c.write([]byte(hdr))
-	c.write(append([]byte(name), 0))
-	c.pad()
-	c.write(data)
-	c.pad()
-}
-
-func (c *cpioWriter) add(e entry) {
-	nlink := uint32(1)
-	if e.mode&0o170000 == modeDir {
-		nlink = 2
-	}
-	c.ino++
-	c.record(c.ino, e.name, e.mode, e.uid, e.gid, nlink, c.mtime, e.data, e.major, e.minor)
-}
-
-func (c *cpioWriter) trailer() {
-	c.record(0, "TRAILER!!!", 0, 0, 0, 1, 0, nil, 0, 0)
 }

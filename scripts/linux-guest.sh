@@ -3,7 +3,9 @@
 #
 #   OUT/vmlinuz         the Debian cloud kernel (bzImage), as packaged
 #   OUT/vmlinux         the uncompressed ELF kernel taken out of it, for PVH boot
-#   OUT/initrd.cpio.gz  a busybox initramfs whose /init reports and reboots
+#   OUT/initrd.cpio.gz  a busybox initramfs whose /init reports, runs the
+#                       checker (guest/linux/ferry-check) if the kernel command
+#                       line asks for it, and reboots
 #   OUT/cache/          downloaded .deb files, helper binaries, stamps
 #
 # Usage: scripts/linux-guest.sh [OUT]   (OUT defaults to build/linux)
@@ -33,9 +35,9 @@ out_arg=${1:-build/linux}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 self="$repo/scripts/linux-guest.sh"
 
-for tool in apt-get apt-cache dpkg dpkg-deb tar go sha256sum; do
+for tool in apt-get apt-cache dpkg dpkg-deb tar go sha256sum make gcc; do
 	command -v "$tool" >/dev/null 2>&1 ||
-		die "'$tool' not found: this script needs a Debian-based host with Go installed"
+		die "'$tool' not found: this script needs a Debian-based host with Go, gcc and make installed"
 done
 host_arch=$(dpkg --print-architecture)
 [ "$host_arch" = amd64 ] ||
@@ -191,6 +193,15 @@ build_tool() {
 	fi
 }
 
+# build_checker: build guest/linux/ferry-check (static C) into the cache;
+# make rebuilds it only when its source or Makefile changed.
+build_checker() {
+	if ! make -s -C "$repo/guest/linux" OUT="$cache/bin" >"$log" 2>&1; then
+		cat "$log" >&2
+		die "cannot build guest/linux/ferry-check (needs gcc and glibc's static libraries, Debian's libc6-dev)"
+	fi
+}
+
 # --- vmlinuz -----------------------------------------------------------
 
 key="deb=$(basename "$kernel_deb")"
@@ -236,6 +247,7 @@ export PATH=/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o mode=1777 tmpfs /tmp
 echo "ferry-linux: uname: $(uname -a)"
 
 cpus=
@@ -263,6 +275,29 @@ while read -r k v _; do
 done </proc/meminfo
 echo "ferry-linux: mem_kb=$mem"
 
+# ferry.check=ARGS on the kernel command line runs the checker, ARGS being
+# its arguments separated by commas (ferry.check=size=16M,exit_after=60s
+# runs "ferry-check size=16M exit_after=60s"); a bare ferry.check runs it
+# with its defaults. See docs/linux-guests.md, "The checker".
+set -f
+check=no
+read -r cmdline </proc/cmdline
+for a in $cmdline; do
+	case $a in
+	ferry.check) check=yes args= ;;
+	ferry.check=*) check=yes args=${a#ferry.check=} ;;
+	esac
+done
+if [ "$check" = yes ]; then
+	IFS=, # split ARGS on commas (set -f: no globbing)
+	set -- $args
+	unset IFS
+	echo "ferry-linux: check started: ferry-check $*"
+	ferry-check "$@"
+	echo "ferry-linux: check exit=$?"
+fi
+set +f
+
 echo "ferry-linux: done, rebooting"
 reboot -f
 echo "ferry-linux: reboot -f failed, trying poweroff -f"
@@ -274,12 +309,14 @@ applets="sh ash cat echo printf ls mkdir mknod ln rm cp mv mount umount
 	uname nproc free dmesg grep sed awk head tail wc ps sleep sync
 	true false test [ reboot poweroff halt"
 
-key="deb=$(basename "$busybox_deb") tool=$(hash_of "$repo/scripts/mkinitramfs/main.go") script=$(hash_of "$self")"
+build_checker
+key="deb=$(basename "$busybox_deb") tool=$(hash_of "$repo/scripts/mkinitramfs/main.go") script=$(hash_of "$self") check=$(hash_of "$cache/bin/ferry-check")"
 if ! up_to_date initrd "$key" "$out/initrd.cpio.gz"; then
 	newtmp
 	d=$tmp
 	dpkg-deb --fsys-tarfile "$busybox_deb" | tar -x -C "$d" ./bin/busybox ||
 		die "cannot extract /bin/busybox from $busybox_deb"
+	cp "$cache/bin/ferry-check" "$d/bin/ferry-check" || die "cannot copy ferry-check"
 	printf '%s\n' "$init_script" >"$d/init"
 	{
 		echo "dir /bin 0755 0 0"
@@ -291,6 +328,7 @@ if ! up_to_date initrd "$key" "$out/initrd.cpio.gz"; then
 		echo "nod /dev/console 0600 0 0 c 5 1"
 		echo "nod /dev/null 0666 0 0 c 1 3"
 		echo "file /bin/busybox bin/busybox 0755 0 0"
+		echo "file /bin/ferry-check bin/ferry-check 0755 0 0"
 		for a in $applets; do
 			echo "slink /bin/$a busybox 0777 0 0"
 		done

@@ -81,6 +81,10 @@ type DestReport struct {
 	TotalTime    time.Duration `json:"total_time_ns"`
 	Iterations   int           `json:"iterations"`
 	RestoreNotes []string      `json:"restore_warnings,omitempty"`
+	// Warnings are what this host told the source before accepting the
+	// guest (wire.Notice): it runs the guest, but not exactly as the
+	// source did.
+	Warnings []string `json:"warnings,omitempty"`
 	// Postcopy is set when the guest resumed in post-copy; complete once
 	// Wait returned.
 	Postcopy *PostcopyReport `json:"postcopy,omitempty"`
@@ -446,9 +450,23 @@ func (d *Destination) receive(ctx context.Context, conn *wire.Conn, hello *wire.
 		vm.Close()
 		return refuse(wire.RefuseCPU, err)
 	}
+	notices, err := checkTSC(vm.TSCFit(hello.CPUID))
+	if err != nil {
+		vm.Close()
+		return refuse(wire.RefuseCPU, err)
+	}
 	if s := hello.Options.Streams; s > 1 && welcome.ProtocolVersion < wire.EncodingsVersion {
 		vm.Close()
 		return refuse(wire.RefuseOptions, fmt.Errorf("%d streams need protocol version %d", s, wire.EncodingsVersion))
+	}
+	for _, n := range notices {
+		// Before the Welcome: the source has it before anything moves.
+		d.Log.Warn("migration accepted with a warning", "id", rep.ID, "vm", hello.VMName, "warning", n.Text)
+		rep.Warnings = append(rep.Warnings, n.Text)
+		if err := conn.WriteMsg(n); err != nil {
+			vm.Close()
+			return nil, fmt.Errorf("answering the source: %w", err)
+		}
 	}
 	d.mu.Lock()
 	d.vm = vm // page streams may attach from the welcome on
@@ -564,4 +582,21 @@ func (d *Destination) finish(conn *wire.Conn, vm *vmm.VM, m *state.Machine, rep 
 		d.Log.Warn("guest runs here but the source did not get the confirmation", "err", err)
 	}
 	return vm, nil
+}
+
+// checkTSC decides what a destination does about the guest's TSC
+// frequency before it accepts the guest: nothing when this host runs it
+// as the source did (same rate within KVM's tolerance, or KVM scales); an
+// error, for a Refuse, when the rates differ, KVM here cannot scale and the
+// guest was promised an invariant TSC; a Notice for the source's report
+// otherwise.
+func checkTSC(fit vmm.TSCFit) ([]*wire.Notice, error) {
+	msg, refuse := fit.Problem()
+	switch {
+	case msg == "":
+		return nil, nil
+	case refuse:
+		return nil, errors.New(msg)
+	}
+	return []*wire.Notice{{Code: wire.NoticeTSC, Text: msg}}, nil
 }

@@ -150,6 +150,10 @@ type Report struct {
 	Chosen       Mode          `json:"chosen,omitempty"`    // auto: the technique it picked
 	SampleTime   time.Duration `json:"sample_ns,omitempty"` // auto: watching the guest's writes before the first pass
 	ChoiceReason string        `json:"choice_reason,omitempty"`
+	// Warnings are what the migration cannot carry over exactly, said
+	// before the switch: the destination's Notices (a TSC frequency it
+	// cannot scale to).
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // WriteTable renders the report for people.
@@ -161,6 +165,9 @@ func (r *Report) WriteTable(w io.Writer) {
 	}
 	if r.RolledBack {
 		row("rollback", "guest kept running on the source")
+	}
+	for _, w := range r.Warnings {
+		row("warning", w)
 	}
 	row("mode", string(r.Mode))
 	if r.Chosen != "" {

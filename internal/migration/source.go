@@ -226,6 +226,16 @@ func (x *sender) handshake() error {
 		return fmt.Errorf("sending hello: %w", err)
 	}
 	reply, err := x.readDirect()
+	for err == nil {
+		n, ok := reply.(*wire.Notice)
+		if !ok {
+			break
+		}
+		// Before the Welcome, so before anything moves: say it now.
+		x.Log.Warn("the destination warns", "id", x.rep.ID, "about", n.Code.String(), "warning", n.Text)
+		x.rep.Warnings = append(x.rep.Warnings, "destination: "+n.Text)
+		reply, err = x.readDirect()
+	}
 	if err != nil {
 		return fmt.Errorf("waiting for the destination's welcome: %w", err)
 	}

@@ -36,6 +36,7 @@ func (v *VM) Capture() (*state.Machine, error) {
 	if err := v.captureVMState(m); err != nil {
 		return nil, fmt.Errorf("capture: %w", err)
 	}
+	v.pinClockToTSC(m)
 	m.Devices = state.Devices{
 		Serial: v.Serial.State(),
 		CMOS:   v.CMOS.State(),
@@ -209,7 +210,7 @@ type restoreStep struct {
 var vcpuRestoreOrder = []restoreStep{
 	{"cpuid", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetCPUID2(s.CPUID) }},
 	{"sregs", restoreSregs},
-	{"xcrs", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetXCRs(s.XCRs) }},
+	{"xcrs", restoreXCRs},
 	{"fpu", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetFPU(s.FPU) }},
 	{"xsave", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetXSave(s.XSave) }},
 	{"regs", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetRegs(s.Regs) }},
@@ -218,6 +219,16 @@ var vcpuRestoreOrder = []restoreStep{
 	{"mp_state", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetMPState(s.MPState) }},
 	{"events", restoreEvents},
 	{"debugregs", func(c *kvm.VCPU, s *state.VCPU) error { return c.SetDebugRegs(s.DebugRegs) }},
+}
+
+// restoreXCRs sets XCR0. A state saved on a host without XSAVE holds no
+// XCRs (KVM_GET_XCRS reports none there), and such a host refuses
+// KVM_SET_XCRS: there is nothing to set.
+func restoreXCRs(c *kvm.VCPU, s *state.VCPU) error {
+	if s.XCRs.NrXCRs == 0 {
+		return nil
+	}
+	return c.SetXCRs(s.XCRs)
 }
 
 func restoreSregs(c *kvm.VCPU, s *state.VCPU) error {
@@ -274,7 +285,7 @@ func (v *VM) Restore(m *state.Machine) error {
 		if s.ID != uint32(c.id) {
 			return fmt.Errorf("restore: vCPU slot %d holds state of vCPU %d", i, s.ID)
 		}
-		if err := v.restoreTSCFrequency(c.kvm, s.TSCKHz); err != nil {
+		if err := v.restoreTSCFrequency(c.kvm, s); err != nil {
 			return fmt.Errorf("restore: vCPU %d: %w", i, err)
 		}
 		for _, step := range vcpuRestoreOrder {
@@ -290,23 +301,49 @@ func (v *VM) Restore(m *state.Machine) error {
 		return fmt.Errorf("restore: %w", err)
 	}
 	// The clock goes last: kvmclock continues from the saved value, so the
-	// guest does not see the time it spent stopped (docs/machine-state.md).
-	clock := kvm.ClockData{Clock: m.Clock.Clock}
-	if err := v.kvm.SetClock(clock); err != nil {
+	// guest does not see the time it spent stopped (docs/machine-state.md),
+	// advanced by what the guest's TSC counted since it was written, so
+	// that the two clocks keep the distance they had (pinClockToTSC).
+	if err := v.setClockPinned(m); err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}
 	return nil
 }
 
-func (v *VM) restoreTSCFrequency(c *kvm.VCPU, khz uint32) error {
+// restoreTSCFrequency gives the vCPU the TSC frequency it had. Where the
+// rates differ beyond KVM's tolerance and KVM cannot scale (TSCFit), a
+// guest promised an invariant TSC is refused; any other runs on with a
+// restore warning: in KVM's catch-up mode when its rate is above this
+// host's, at this host's rate when below (KVM refuses that rate), as QEMU
+// does.
+func (v *VM) restoreTSCFrequency(c *kvm.VCPU, s *state.VCPU) error {
 	have, err := c.GetTSCKHz()
-	if err != nil || khz == 0 || have == khz {
+	if err != nil || s.TSCKHz == 0 || have == s.TSCKHz {
 		return err
 	}
-	if err := c.SetTSCKHz(khz); err != nil {
-		return fmt.Errorf("guest TSC runs at %d kHz, this host at %d kHz and KVM cannot scale it: %w", khz, have, err)
+	fit := TSCFit{GuestKHz: s.TSCKHz, HostKHz: have, Invariant: InvariantTSC(s.CPUID), Scaling: v.sys.CheckExtension(kvm.CapTSCControl) != 0}
+	problem, refuse := fit.Problem()
+	if refuse {
+		return errors.New(problem)
+	}
+	if err := c.SetTSCKHz(s.TSCKHz); err != nil && problem == "" {
+		return fmt.Errorf("guest TSC runs at %d kHz, this host at %d kHz and KVM cannot scale it: %w", s.TSCKHz, have, err)
+	}
+	if problem != "" {
+		v.warnOnce(problem)
 	}
 	return nil
+}
+
+// warnOnce adds a restore warning unless it is there already (every vCPU
+// may find the same).
+func (v *VM) warnOnce(w string) {
+	for _, have := range v.restoreWarnings {
+		if have == w {
+			return
+		}
+	}
+	v.restoreWarnings = append(v.restoreWarnings, w)
 }
 
 func (v *VM) restoreVMState(m *state.Machine) error {
@@ -355,12 +392,7 @@ func (v *VM) RestoreWarnings() []string { return v.restoreWarnings }
 // so RDTSC there returns the host's TSC) the guest TSC follows the host's
 // instead of continuing from the saved value; say so rather than hide it.
 func (v *VM) checkTSCRestored(c *kvm.VCPU, s *state.VCPU) {
-	var saved uint64
-	for _, m := range s.MSRs {
-		if m.Index == msrTSC {
-			saved = m.Data
-		}
-	}
+	saved := savedTSC(s)
 	e := []kvm.MSREntry{{Index: msrTSC}}
 	if n, err := c.GetMSRs(e); err != nil || n != 1 || saved == 0 {
 		return
@@ -374,6 +406,109 @@ func (v *VM) checkTSCRestored(c *kvm.VCPU, s *state.VCPU) {
 }
 
 const msrTSC = 0x10
+
+// pinClockToTSC makes the saved kvmclock the value it had when vCPU 0's
+// TSC was read, not when the clock was (after every vCPU's registers and
+// the interrupt controllers: milliseconds later on a slow host). Restore
+// writes the TSC first and sets kvmclock last, advanced by what the TSC
+// counted in between (setClockPinned); the guest then finds both where
+// they were relative to each other. Without it the pair shifts by the
+// difference between the two gaps, and a Linux guest's clocksource
+// watchdog, which allows a few hundred microseconds between the TSC and
+// kvm-clock over half a second, marks the TSC unstable after the switch
+// ("skew is too large"; 18 to 32 ms in the emulated lab, see
+// docs/machine-state.md). The clock is read between two TSC reads, again
+// while they are far apart (the thread was preempted).
+func (v *VM) pinClockToTSC(m *state.Machine) {
+	saved, khz := savedTSC(&m.VCPUs[0]), m.VCPUs[0].TSCKHz
+	best, bestGap := m.Clock, ^uint64(0)
+	var at uint64
+	for range pinTries {
+		t1 := v.readTSC(v.cpus[0].kvm)
+		clk, err := v.kvm.GetClock()
+		t2 := v.readTSC(v.cpus[0].kvm)
+		if err != nil || t1 == 0 || t2 < t1 {
+			return
+		}
+		if t2-t1 < bestGap {
+			best, bestGap, at = clk, t2-t1, t1+(t2-t1)/2
+		}
+		if bestGap <= tightTicks(khz) {
+			break
+		}
+	}
+	if ns, ok := tscElapsedNs(saved, at, khz); ok && ns <= best.Clock {
+		best.Clock -= ns
+		m.Clock = best
+	}
+}
+
+// setClockPinned sets kvmclock to the saved value advanced by the ticks
+// vCPU 0's TSC counted since Restore wrote it, reading the TSC right
+// before and after, again while they are far apart.
+func (v *VM) setClockPinned(m *state.Machine) error {
+	saved, khz := savedTSC(&m.VCPUs[0]), m.VCPUs[0].TSCKHz
+	for range pinTries {
+		t1 := v.readTSC(v.cpus[0].kvm)
+		clock := kvm.ClockData{Clock: m.Clock.Clock}
+		ns, ok := tscElapsedNs(saved, t1, khz)
+		if ok {
+			clock.Clock += ns
+		}
+		if err := v.kvm.SetClock(clock); err != nil {
+			return err
+		}
+		if t2 := v.readTSC(v.cpus[0].kvm); !ok || t2 < t1 || t2-t1 <= tightTicks(khz) {
+			return nil
+		}
+	}
+	return nil
+}
+
+// pinTries bounds the attempts at reading the TSC and the clock close
+// together; tightTicks is close enough: 50 µs of the guest's TSC.
+const pinTries = 8
+
+func tightTicks(khz uint32) uint64 { return uint64(khz) / 20 }
+
+// savedTSC is a saved vCPU's TSC MSR (0 if absent).
+func savedTSC(s *state.VCPU) uint64 {
+	for _, m := range s.MSRs {
+		if m.Index == msrTSC {
+			return m.Data
+		}
+	}
+	return 0
+}
+
+// readTSC reads a vCPU's TSC MSR now (0 if it cannot).
+func (v *VM) readTSC(c *kvm.VCPU) uint64 {
+	e := []kvm.MSREntry{{Index: msrTSC}}
+	if n, err := c.GetMSRs(e); err != nil || n != 1 {
+		return 0
+	}
+	return e[0].Data
+}
+
+// maxPinGap bounds the time between a TSC read and the clock's for
+// pinClockToTSC and Restore: a larger or negative distance means the TSC
+// did not keep the value written (PVM ties it to the host's) and the clock
+// is left as saved.
+const maxPinGap = 5 * time.Second
+
+// tscElapsedNs converts the TSC ticks from then to now at khz into
+// nanoseconds; false when either is unknown or the distance is negative
+// or beyond maxPinGap.
+func tscElapsedNs(then, now uint64, khz uint32) (uint64, bool) {
+	if then == 0 || now < then || khz == 0 {
+		return 0, false
+	}
+	ticks := now - then
+	if ticks > uint64(khz)*uint64(maxPinGap/time.Millisecond) {
+		return 0, false
+	}
+	return ticks * 1_000_000 / uint64(khz), true
+}
 
 func absDiff(a, b uint64) uint64 {
 	if a > b {

@@ -99,8 +99,9 @@ type VM struct {
 	mem  *guestmem.Memory
 	cpus []*vcpu
 
-	hostCPUID []kvm.CPUIDEntry // vCPU 0's effective CPUID on this host
-	msrList   []uint32         // saveable MSRs, probed on first capture
+	hostCPUID  []kvm.CPUIDEntry // vCPU 0's effective CPUID on this host
+	hostTSCKHz uint32           // the TSC frequency KVM gave vCPU 0 at creation (0: unknown)
+	msrList    []uint32         // saveable MSRs, probed on first capture
 
 	restoreWarnings []string
 
@@ -271,6 +272,7 @@ func (v *VM) createVCPUs(entry *boot.Entry) error {
 			return err
 		}
 		if id == 0 {
+			v.hostTSCKHz = khz
 			// What KVM actually gives a vCPU on this host: the reference for
 			// admitting saved or migrating guests. (Under PVM it holds more
 			// than KVM_GET_SUPPORTED_CPUID reports.)

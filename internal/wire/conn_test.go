@@ -770,3 +770,23 @@ func BenchmarkPagesPipe(b *testing.B) {
 		}
 	}
 }
+
+// A Notice is sent optional: a source from before Notices skips it and
+// reads the Welcome that follows.
+func TestNoticeSentOptional(t *testing.T) {
+	data := stream(t, Config{}, &Notice{Code: NoticeTSC, Text: "TSC rates differ"},
+		&Welcome{ProtocolVersion: 3, MinVersion: 1, MaxVersion: 3, FerryVersion: "0.9.0"})
+	f := framesOf(data)
+	if len(f) != 2 || f[0].typ != TypeNotice || f[0].flags&FlagOptional == 0 {
+		t.Fatalf("frames %+v", f)
+	}
+	// What an older reader sees: the same frame with a type it does not know.
+	old := bytes.Clone(data)
+	old[f[0].start+3] = 0xf5
+	fixFrames(old)
+	r := readConn(old, Config{})
+	m, err := r.ReadMsg()
+	if err != nil || m.Type() != TypeWelcome || r.Stats().Skipped != 1 {
+		t.Fatalf("got %v, %v, stats %+v", m, err, r.Stats())
+	}
+}

@@ -158,6 +158,7 @@ func allMessages(t testing.TB) []Msg {
 		&PostcopyDone{End: EndResident, PagesPushed: 1 << 18, PagesDemand: 412, Faults: 399, FaultP50: 180 * time.Microsecond,
 			FaultP99: 2 * time.Millisecond, FaultMax: 9 * time.Millisecond, FaultTotal: 250 * time.Millisecond, ZeroFaults: 7,
 			Residency: 3 * time.Second, LinkBreaks: 1, LinkDownFor: 4 * time.Second},
+		&Notice{Code: NoticeTSC, Text: "the guest's TSC runs at 2095985 kHz, this host's at 2031000 kHz"},
 	}
 }
 

@@ -13,7 +13,7 @@ import (
 // Msg is a protocol message: one of the types of this package (*Hello,
 // *Welcome, *Refuse, *Pages, *IterationDone, *IterationAck,
 // *MachineState, *Complete, *Resumed, *Error, *Cancel, *PageRequest,
-// *Ping, *Pong, and the post-copy messages *Attach, *Attached, *Postcopy,
+// *Ping, *Pong, *Notice, and the post-copy messages *Attach, *Attached, *Postcopy,
 // *PostcopyDone). Messages are validated when encoded and when decoded:
 // what one side can send, the other accepts.
 type Msg interface {
@@ -33,6 +33,8 @@ func newMsg(t Type) Msg {
 		return new(Welcome)
 	case TypeRefuse:
 		return new(Refuse)
+	case TypeNotice:
+		return new(Notice)
 	case TypePages:
 		return new(Pages)
 	case TypeIterationDone:
@@ -450,6 +452,69 @@ func (m *Refuse) decodePayload(p []byte) error {
 		FerryVersion: f.str("ferry version", MaxFerryVersion),
 		Reason:       f.str("reason", MaxText),
 	}
+	if f.err != nil {
+		return f.err
+	}
+	if err := out.check(); err != nil {
+		return err
+	}
+	*m = out
+	return nil
+}
+
+// ---- Notice ----
+
+// NoticeCode says what a Notice is about.
+type NoticeCode uint16
+
+// Notice codes. Receivers accept codes they do not know (and show them as
+// numbers).
+const (
+	// NoticeTSC: the destination cannot run the guest's TSC at its
+	// frequency exactly (the rates differ beyond KVM's tolerance and KVM
+	// there cannot scale).
+	NoticeTSC NoticeCode = 1
+)
+
+func (c NoticeCode) String() string {
+	switch c {
+	case NoticeTSC:
+		return "tsc"
+	}
+	return fmt.Sprintf("code %d", uint16(c))
+}
+
+// Notice is a warning from the destination for the operator about a
+// migration it accepts: something of the guest it will run, but not
+// exactly as the source did. The destination sends its Notices before its
+// Welcome, so that the source has them before anything moves; the source
+// puts them in its report. Sent with FlagOptional: a source that does not
+// know the type skips it.
+type Notice struct {
+	Code NoticeCode // not 0
+	Text string     // for humans, non-empty
+}
+
+func (*Notice) Type() Type { return TypeNotice }
+
+func (m *Notice) check() error {
+	if m.Code == 0 {
+		return errors.New("notice code 0")
+	}
+	return checkString("text", m.Text, 1, MaxText, kindText)
+}
+
+func (m *Notice) appendPayload(b []byte) ([]byte, error) {
+	if err := m.check(); err != nil {
+		return nil, err
+	}
+	b = le.AppendUint16(b, uint16(m.Code))
+	return appendString(b, m.Text), nil
+}
+
+func (m *Notice) decodePayload(p []byte) error {
+	f := fields{p: p}
+	out := Notice{Code: NoticeCode(f.u16("code")), Text: f.str("text", MaxText)}
 	if f.err != nil {
 		return f.err
 	}

@@ -75,6 +75,7 @@ const (
 	TypeHello         Type = 0x01 // source → destination, first message
 	TypeWelcome       Type = 0x02 // destination → source: accepted
 	TypeRefuse        Type = 0x03 // destination → source: refused
+	TypeNotice        Type = 0x04 // destination → source: a warning before the Welcome (optional)
 	TypePages         Type = 0x10 // source → destination: one memory chunk
 	TypeIterationDone Type = 0x11 // source → destination: end of a round
 	TypeIterationAck  Type = 0x12 // destination → source
@@ -93,7 +94,7 @@ const (
 )
 
 var typeNames = map[Type]string{
-	TypeHello: "hello", TypeWelcome: "welcome", TypeRefuse: "refuse",
+	TypeHello: "hello", TypeWelcome: "welcome", TypeRefuse: "refuse", TypeNotice: "notice",
 	TypePages: "pages", TypeIterationDone: "iteration-done", TypeIterationAck: "iteration-ack",
 	TypeMachineState: "machine-state", TypeComplete: "complete", TypeResumed: "resumed",
 	TypeError: "error", TypeCancel: "cancel",
@@ -118,7 +119,7 @@ func (t Type) Known() bool {
 
 // optional reports whether messages of type t are sent with FlagOptional:
 // the informational ones a receiver may ignore.
-func (t Type) optional() bool { return t == TypePing || t == TypePong }
+func (t Type) optional() bool { return t == TypePing || t == TypePong || t == TypeNotice }
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 

@@ -32,6 +32,8 @@ const absent = "(absent)"
 var volatileFields = []string{
 	"header.created_unix_nano",
 	"vcpu[*].msr[TSC]",
+	"vcpu[*].msr[HV_VP_RUNTIME]",     // Hyper-V: the vCPU's run time, 100 ns units
+	"vcpu[*].msr[HV_TIME_REF_COUNT]", // Hyper-V: time since boot, 100 ns units
 	"vcpu[*].lapic[0x390]",
 	"pit.channels[*].count_load_time",
 	"clock.clock",

@@ -7,11 +7,32 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ferry=bin/ferry
+
+# Without /dev/kvm there is nothing to run a VM on here: the same demo runs
+# inside two emulated hosts with real SVM (the lab, docs/lab.md).
+if ! [ -c /dev/kvm ]; then
+	echo "demo: this machine has no /dev/kvm, so ferry cannot run a VM on it directly."
+	echo "demo: running the same demo inside two emulated hosts instead: QEMU (TCG) emulating AMD SVM"
+	echo "demo: with nested paging, Debian's kernel with kvm-amd inside (docs/lab.md). Every instruction"
+	echo "demo: of those hosts is emulated, so this takes a few minutes and its times are 10-50x slow."
+	scripts/lab-host.sh build/lab
+	exec $ferry lab run --guest test --modes precopy,postcopy
+fi
+
 work=$(mktemp -d /tmp/ferry-demo.XXXXXX)
 h1=$work/host1 h2=$work/host2
 a1=127.0.0.1:7781 a2=127.0.0.1:7782
 pids=()
 cleanup() {
+	status=$?
+	if [ "$status" -ne 0 ]; then
+		# Show why before the logs go with the work directory.
+		for f in "$work"/d1.log "$work"/d2.log "$work"/host*/vms/*.log; do
+			[ -s "$f" ] || continue
+			echo "--- $f (last 20 lines)"
+			tail -n 20 "$f"
+		done
+	fi
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 	wait 2>/dev/null || true
 	rm -rf "$work"

@@ -27,6 +27,6 @@ func newRootCmd() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&daemonSocket, "daemon", defaultDaemonSocket(), "the host daemon's API socket ($FERRY_DAEMON)")
 	root.AddCommand(newRunCmd(), newSaveCmd(), newRestoreCmd(), newInspectCmd(), newStateCmd(),
-		newDaemonCmd(), newPsCmd(), newStopCmd(), newConsoleCmd(), newNodesCmd(), newMigrateCmd(), newVMMCmd(), newBenchCmd())
+		newDaemonCmd(), newPsCmd(), newStopCmd(), newConsoleCmd(), newNodesCmd(), newMigrateCmd(), newVMMCmd(), newBenchCmd(), newLabCmd(), newLabAgentCmd())
 	return root
 }

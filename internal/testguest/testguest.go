@@ -32,9 +32,15 @@ var (
 	imagePath string
 )
 
-// Build makes the guest image (make -C guest) and returns its path.
+// Build makes the guest image (make -C guest) and returns its path. With
+// $FERRY_TEST_GUEST set it uses that prebuilt image instead (test binaries
+// run inside the lab's hosts, which have no compiler).
 func Build() (string, error) {
 	buildOnce.Do(func() {
+		if p := os.Getenv("FERRY_TEST_GUEST"); p != "" {
+			imagePath = p
+			return
+		}
 		root := RepoRoot()
 		cmd := exec.Command("make", "-s", "-C", filepath.Join(root, "guest"))
 		out, err := cmd.CombinedOutput()
@@ -64,7 +70,8 @@ func Image(t testing.TB) []byte {
 
 // RequireKVM skips the test when /dev/kvm cannot be used, and otherwise
 // records that a KVM test ran: it prints a "KVM-TEST-RAN" marker that
-// .ci/run counts.
+// make test's summary counts (scripts/testsummary), on this machine or,
+// when the test binary runs inside a lab host, in the lab.
 func RequireKVM(t testing.TB) {
 	t.Helper()
 	if err := kvm.Available(); err != nil {
@@ -88,8 +95,13 @@ var (
 )
 
 // Linux prepares (downloads on first use) and returns the Linux guest.
+// With $FERRY_TEST_LINUX_DIR set it takes the prepared files from there.
 func Linux() (LinuxGuest, error) {
 	linuxOnce.Do(func() {
+		if d := os.Getenv("FERRY_TEST_LINUX_DIR"); d != "" {
+			linux = LinuxGuest{VMLinux: filepath.Join(d, "vmlinux"), VMLinuz: filepath.Join(d, "vmlinuz"), Initrd: filepath.Join(d, "initrd.cpio.gz")}
+			return
+		}
 		root := RepoRoot()
 		out := filepath.Join(root, "build", "linux")
 		cmd := exec.Command(filepath.Join(root, "scripts", "linux-guest.sh"), out)

@@ -1,0 +1,181 @@
+// Command kvm-in-lab runs the KVM tests that matter most (boot, snapshot,
+// pre-copy, post-copy, daemon migration) inside an emulated lab host
+// (internal/lab), for machines without /dev/kvm, and writes their results
+// as `go test -json` events for scripts/testsummary.
+//
+// It builds each package's test binary (static), boots one lab host with
+// the binaries, the guest images and a static ferry in its payload, runs
+// each binary there with -test.v=test2json and the selection below, and
+// converts the output with `go tool test2json`. The tests find the
+// prebuilt images through FERRY_TEST_GUEST, FERRY_TEST_LINUX_DIR and
+// FERRY_TEST_BINARY (internal/testguest, cmd/ferry's tests).
+//
+// Usage (from the repository's top directory, after make lab-image):
+//
+//	go run ./scripts/kvm-in-lab -out build/test-lab.json
+package main
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/ferry-vmm/ferry/internal/lab"
+)
+
+// suite is one package's tests to run in the lab.
+type suite struct {
+	pkg string // import path below the module
+	run string // -test.run
+}
+
+// The selection: what a machine without /dev/kvm must still prove.
+var suites = []suite{
+	{"internal/vmm", "^(TestBootTestGuest|TestWorkloads|TestBootLinux|TestDirtyLogTracksGuestWrites|TestVerifyWithPauses|TestOracleDetectsMemoryCorruption)$"},
+	{"internal/snapshot", "."},
+	{"internal/migration", "^(TestMigrateVerifyGuest|TestPingPong|TestForcedStopCopy|TestFaultsRollBack|TestMigratePostcopyModes|TestDemandPagingSendsOnlyWhatIsTouched|TestPostcopyLinkCut)$"},
+	{"cmd/ferry", "^(TestSaveInspectRestoreCLI|TestDaemonsMigrateBothWays|TestDaemonsPostcopy|TestDestinationKilledDuringPrecopy)$"},
+}
+
+const module = "github.com/ferry-vmm/ferry/"
+
+func main() {
+	out := flag.String("out", "build/test-lab.json", "where the go test -json events go")
+	timeout := flag.Duration("timeout", 25*time.Minute, "for everything")
+	only := flag.String("only", "", "run only this package's suite (e.g. internal/migration)")
+	flag.Parse()
+	if *only != "" {
+		var keep []suite
+		for _, s := range suites {
+			if s.pkg == *only {
+				keep = append(keep, s)
+			}
+		}
+		suites = keep
+	}
+	if err := run(*out, *timeout); err != nil {
+		fmt.Fprintln(os.Stderr, "kvm-in-lab:", err)
+		os.Exit(1)
+	}
+}
+
+func run(outPath string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	work := filepath.Join("build", "lab", "tests")
+	if err := os.MkdirAll(work, 0o755); err != nil {
+		return err
+	}
+	var files []lab.File
+	for _, s := range suites {
+		bin := filepath.Join(work, strings.ReplaceAll(s.pkg, "/", "_")+".test")
+		if err := gobuild(ctx, "test", "-c", "-o", bin, "./"+s.pkg); err != nil {
+			return err
+		}
+		files = append(files, lab.File{Src: bin, Path: "/opt/ferry/tests/" + filepath.Base(bin), Mode: 0o755})
+	}
+	ferry := filepath.Join(work, "ferry")
+	if err := gobuild(ctx, "build", "-o", ferry, "./cmd/ferry"); err != nil {
+		return err
+	}
+	files = append(files, lab.File{Src: "build/linux/vmlinux", Path: "/opt/ferry/linux/vmlinux", Mode: 0o644})
+	fmt.Printf("kvm-in-lab: booting an emulated host (TCG, SVM + NPT, 2 CPUs) for %d test packages\n", len(suites))
+	l, err := lab.Start(ctx, lab.Config{Hosts: 1, CPUs: 2, MemMB: 4096, ImageDir: "build/lab",
+		Ferry: ferry, Guest: "build/guest/ferry-guest.elf", Linux: "build/linux/vmlinuz", Initrd: "build/linux/initrd.cpio.gz",
+		Files: files, Log: os.Stdout})
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	h := l.Hosts[0]
+	out, err := os.Create(outPath)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	for _, s := range suites {
+		t0 := time.Now()
+		raw, runErr := runSuite(ctx, h, s)
+		if err := test2json(ctx, module+s.pkg, raw, out); err != nil {
+			return err
+		}
+		fmt.Printf("kvm-in-lab: %s done in %.0fs\n", s.pkg, time.Since(t0).Seconds())
+		if runErr != nil && !lab.IsExit(runErr) {
+			fmt.Fprintf(os.Stderr, "kvm-in-lab: %s: %v\n%s%s", s.pkg, runErr, diagnose(ctx, h), l.Consoles())
+			return runErr // the host or its agent died: the rest cannot run
+		}
+	}
+	return nil
+}
+
+// runSuite runs one test binary in the host and returns its raw
+// -test.v=test2json output.
+func runSuite(ctx context.Context, h *lab.Host, s suite) ([]byte, error) {
+	bin := "/opt/ferry/tests/" + strings.ReplaceAll(s.pkg, "/", "_") + ".test"
+	dir := "/tmp/tests/" + s.pkg
+	var buf bytes.Buffer
+	res, err := h.Agent.Exec(ctx, lab.ExecRequest{
+		Argv: []string{"sh", "-c", fmt.Sprintf("mkdir -p %s && cd %s && exec %s -test.v=test2json -test.count=1 -test.timeout=15m -test.run '%s' 2>&1", dir, dir, bin, s.run)},
+		Env: []string{"FERRY_TEST_GUEST=" + lab.HostGuest, "FERRY_TEST_LINUX_DIR=/opt/ferry/linux",
+			"FERRY_TEST_BINARY=" + lab.HostFerry, "FERRY_TEST_VMLINUX=/opt/ferry/linux/vmlinux", "FERRY_TEST_BZIMAGE=" + lab.HostLinux,
+			"FERRY_IN_LAB=1"},
+	}, progress{&buf}, progress{&buf})
+	if err != nil {
+		return buf.Bytes(), err
+	}
+	if res.Code != 0 {
+		return buf.Bytes(), &lab.ExitError{Host: h.Name, Argv: []string{bin}, Result: res}
+	}
+	return buf.Bytes(), nil
+}
+
+// progress keeps a suite's output and shows each test's start and end
+// as they come, so a long suite is not silent.
+type progress struct{ buf *bytes.Buffer }
+
+func (p progress) Write(b []byte) (int, error) {
+	for _, line := range strings.Split(strings.ReplaceAll(string(b), "\x16", ""), "\n") {
+		if strings.HasPrefix(line, "--- ") || strings.HasPrefix(line, "    --- ") {
+			fmt.Println("kvm-in-lab:   " + strings.TrimSpace(line))
+		}
+	}
+	return p.buf.Write(b)
+}
+
+// diagnose says what became of a host whose agent stopped answering.
+func diagnose(ctx context.Context, h *lab.Host) string {
+	if !h.Alive() {
+		return "kvm-in-lab: the host's QEMU has exited\n"
+	}
+	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	out, err := h.Sh(dctx, "dmesg | tail -n 40; free -m; ps")
+	if err != nil {
+		return fmt.Sprintf("kvm-in-lab: the host runs but its agent does not answer: %v\n", err)
+	}
+	return "kvm-in-lab: the host's kernel log, memory and processes:\n" + out
+}
+
+func test2json(ctx context.Context, pkg string, raw []byte, w io.Writer) error {
+	cmd := exec.CommandContext(ctx, "go", "tool", "test2json", "-p", pkg, "-t")
+	cmd.Stdin = bytes.NewReader(raw)
+	cmd.Stdout = w
+	cmd.Stderr = os.Stderr
+	return cmd.Run()
+}
+
+func gobuild(ctx context.Context, args ...string) error {
+	cmd := exec.CommandContext(ctx, "go", args...)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, b)
+	}
+	return nil
+}

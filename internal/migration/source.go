@@ -181,7 +181,11 @@ func (s *Source) Run(ctx context.Context, dial Dialer) (*Report, error) {
 
 func (x *sender) run() error {
 	if err := x.handshake(); err != nil {
-		return err // nothing was paused: the guest never stopped
+		// Nothing was paused: the guest never stopped and runs on here,
+		// whether the destination refused, the link failed or the
+		// operator cancelled before the Welcome.
+		x.rep.RolledBack = true
+		return err
 	}
 	go x.receive(x.conn, x.inbox)
 	x.rep.SetupTime = time.Since(x.start)

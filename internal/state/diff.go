@@ -27,7 +27,8 @@ type Difference struct {
 const absent = "(absent)"
 
 // volatileFields are the fields that change merely because time passes
-// between two captures of the same machine; Diff skips them unless asked.
+// between two captures of the same machine, or that KVM derives from
+// other fields and recomputes lazily; Diff skips them unless asked.
 // "[*]" stands for any index. docs/state-format.md lists them with reasons.
 var volatileFields = []string{
 	"header.created_unix_nano",
@@ -35,6 +36,12 @@ var volatileFields = []string{
 	"vcpu[*].msr[HV_VP_RUNTIME]",     // Hyper-V: the vCPU's run time, 100 ns units
 	"vcpu[*].msr[HV_TIME_REF_COUNT]", // Hyper-V: time since boot, 100 ns units
 	"vcpu[*].lapic[0x390]",
+	// PPR is derived from TPR and the in-service vectors, which are
+	// compared. KVM_SET_LAPIC computes it before it counts the restored
+	// ISR (kvm_apic_set_state: apic_update_ppr, then
+	// kvm_apic_update_apicv), so a vCPU saved inside an interrupt handler
+	// reads back PPR = TPR until KVM's next interrupt check recomputes it.
+	"vcpu[*].lapic[0xa0]",
 	"pit.channels[*].count_load_time",
 	"clock.clock",
 	"clock.realtime",

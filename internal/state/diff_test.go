@@ -53,6 +53,8 @@ func TestDiffOneField(t *testing.T) {
 		{"vcpu[0].msr[LSTAR]", false, func(m *Machine) { setMSR(m, 0, 0xc0000082, 0x1234) }},
 		{"vcpu[0].msr[TSC]", true, func(m *Machine) { setMSR(m, 0, 0x10, 999) }},
 		{"vcpu[1].lapic[0x390]", true, func(m *Machine) { m.VCPUs[1].LAPIC.Regs[0x390]++ }},
+		{"vcpu[1].lapic[0xa0]", true, func(m *Machine) { m.VCPUs[1].LAPIC.Regs[0xa0] ^= 0x30 }},  // PPR: derived
+		{"vcpu[1].lapic[0x80]", false, func(m *Machine) { m.VCPUs[1].LAPIC.Regs[0x80] ^= 0x30 }}, // TPR: state
 		{"vcpu[1].lapic[0x380]", false, func(m *Machine) { m.VCPUs[1].LAPIC.Regs[0x381]++ }},
 		{"vcpu[0].events.exception.nr", false, func(m *Machine) { m.VCPUs[0].Events.Exception.Nr++ }},
 		{"vcpu[0].mp_state.state", false, func(m *Machine) { m.VCPUs[0].MPState.State++ }},

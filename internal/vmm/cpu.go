@@ -144,9 +144,29 @@ func registerDump(c *kvm.VCPU) string {
 	if err != nil {
 		return "special registers unavailable: " + err.Error()
 	}
-	return fmt.Sprintf("rip=%#x rsp=%#x rflags=%#x rax=%#x rbx=%#x rcx=%#x rdx=%#x rsi=%#x rdi=%#x rbp=%#x "+
+	return formatRegisters(r, s)
+}
+
+func formatRegisters(r kvm.Regs, s kvm.Sregs) string {
+	dump := fmt.Sprintf("rip=%#x rsp=%#x rflags=%#x rax=%#x rbx=%#x rcx=%#x rdx=%#x rsi=%#x rdi=%#x rbp=%#x "+
 		"cs=%#x(base %#x l=%d db=%d dpl=%d) ss=%#x cr0=%#x cr2=%#x cr3=%#x cr4=%#x efer=%#x gdt=%#x/%#x idt=%#x/%#x",
 		r.RIP, r.RSP, r.RFLAGS, r.RAX, r.RBX, r.RCX, r.RDX, r.RSI, r.RDI, r.RBP,
 		s.CS.Selector, s.CS.Base, s.CS.L, s.CS.DB, s.CS.DPL, s.SS.Selector,
 		s.CR0, s.CR2, s.CR3, s.CR4, s.EFER, s.GDT.Base, s.GDT.Limit, s.IDT.Base, s.IDT.Limit)
+	if atINITState(r, s) {
+		dump += " (the state INIT leaves: on AMD SVM hosts KVM INITs a vCPU that triple-faulted before it reports KVM_EXIT_SHUTDOWN, so these are not the registers it faulted with)"
+	}
+	return dump
+}
+
+// atINITState reports registers that are exactly what INIT leaves in a
+// vCPU: CS 0xf000 based at 0xffff0000, RIP 0xfff0, CR0 ET (CD and NW as
+// they were). SVM leaves the VMCB undefined after a shutdown intercept,
+// so KVM on AMD resets the vCPU (kvm_vcpu_reset(vcpu, true) in svm.c's
+// shutdown_interception) before KVM_RUN returns KVM_EXIT_SHUTDOWN: a
+// triple fault there reads back as this state, which is not where the
+// guest was. (On Intel the registers are the faulting ones.)
+func atINITState(r kvm.Regs, s kvm.Sregs) bool {
+	const cdNW = 0x60000000 // INIT keeps CR0.CD and CR0.NW as they were
+	return r.RIP == 0xfff0 && s.CS.Selector == 0xf000 && s.CS.Base == 0xffff0000 && s.CR0&^cdNW == 0x10
 }

@@ -92,12 +92,19 @@ func trustEachOther(t *testing.T, a, b *host) {
 
 func waitBeats(t *testing.T, h *host, name string, n int) {
 	t.Helper()
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+	wait := 30 * time.Second
+	if os.Getenv("FERRY_IN_LAB") != "" {
+		wait *= 3 // every instruction of the host is emulated
+	}
+	for deadline := time.Now().Add(wait); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
 		if h.console(name).Summary().Heartbeats >= n {
 			return
 		}
 	}
-	t.Fatalf("VM %s on %s: fewer than %d heartbeats\n%s", name, h.addr, n, h.console(name).String())
+	vmmLog, _ := os.ReadFile(filepath.Join(h.dir, "vms", name+".log"))
+	ps, _ := h.c.run("ps")
+	t.Fatalf("VM %s on %s: fewer than %d heartbeats in %s\n%s\n--- ferry ps ---\n%s\n--- VMM log ---\n%s",
+		name, h.addr, n, wait, h.console(name).String(), ps, vmmLog)
 }
 
 func requireClean(t *testing.T, h *host, name string) {

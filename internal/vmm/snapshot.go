@@ -307,6 +307,9 @@ func (v *VM) Restore(m *state.Machine) error {
 	if err := v.setClockPinned(m); err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}
+	for _, c := range v.cpus {
+		c.markPaused() // the guest was stopped while it moved
+	}
 	return nil
 }
 

@@ -114,6 +114,9 @@ func (c *vcpu) parkIfRequested() (stop bool, err error) {
 			v.cond.Wait()
 		}
 		c.parked = false
+		if !v.stopping {
+			c.markPaused()
+		}
 	}
 	c.kvm.RunData().SetImmediateExit(false)
 	return v.stopping, nil
@@ -188,4 +191,16 @@ func (e *GuestError) Error() string {
 
 func (c *vcpu) broken(what string) error {
 	return &GuestError{CPU: c.id, What: what, Registers: registerDump(c.kvm)}
+}
+
+// markPaused tells a kvmclock guest that the host stopped it
+// (PVCLOCK_GUEST_STOPPED, through KVM_KVMCLOCK_CTRL), so that its
+// soft-lockup watchdog does not count the pause as a CPU stuck in the
+// kernel; QEMU does the same whenever a stopped VM runs again. A guest that
+// has not enabled kvmclock makes KVM refuse (EINVAL), which is harmless.
+// Called on the vCPU's own thread, which holds KVM's vCPU lock anyway.
+func (c *vcpu) markPaused() {
+	if err := c.kvm.KVMClockCtrl(); err != nil && !errors.Is(err, unix.EINVAL) {
+		c.vm.log.Debug("KVM_KVMCLOCK_CTRL", "vcpu", c.id, "err", err)
+	}
 }

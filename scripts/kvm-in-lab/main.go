@@ -53,7 +53,6 @@ var suites = []suite{
 var leftOut = []string{
 	"internal/migration TestPingPong: vCPU 1 stops beating after one of 20 trips on emulated SVM",
 	"internal/migration TestMigratePostcopyModes/demand-finished: vCPU 1 found in reset state (rip 0xfff0) after demand paging on emulated SVM",
-	"internal/migration TestForcedStopCopy: failed once in the lab (switch reason differs under emulation)",
 	"internal/migration TestPostcopyLinkCut: the emulated host's kernel crashed in KVM_RUN during it (once)",
 }
 

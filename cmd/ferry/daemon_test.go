@@ -328,16 +328,20 @@ func TestDaemonsPostcopy(t *testing.T) {
 		out, _ := h2.ferry("migrate", "vm", "--to", h1.addr, "--mode", "demand", "--recovery-timeout", "3s")
 		done <- out
 	}()
-	srcPID := 0
-	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		ps, _ := h1.ferry("ps")
-		if strings.Contains(ps, "running") {
-			break
+	// The source VMM is "migrating" from the hand-over until the guest
+	// holds all its memory, so it is found after the guest runs on host 1
+	// too (where every ferry command is slow, the switch may come between
+	// two polls).
+	srcPID, running := 0, false
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline) && (srcPID == 0 || !running); time.Sleep(50 * time.Millisecond) {
+		if pid := vmPID(h2.must(t, "ps"), "migrating"); pid != 0 {
+			srcPID = pid
 		}
-		srcPID = vmPID(h2.must(t, "ps"), "migrating")
+		ps, _ := h1.ferry("ps")
+		running = strings.Contains(ps, "running")
 	}
-	if srcPID == 0 {
-		t.Fatal("no migrating VMM process on host 2")
+	if srcPID == 0 || !running {
+		t.Fatalf("no migrating VMM process on host 2 (found pid %d) while the guest runs on host 1 (%v)", srcPID, running)
 	}
 	syscall.Kill(srcPID, syscall.SIGKILL)
 	out = <-done

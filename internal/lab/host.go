@@ -38,6 +38,7 @@ type hostSpec struct {
 	index        int
 	memMB, cpus  int
 	cpu          string
+	accel        string // QEMU -accel
 	kernel       string
 	initrd       string
 	hub          string
@@ -75,7 +76,7 @@ func (s hostSpec) args(agentPort int) []string {
 	}
 	cmdline := strings.Join(append(parts, s.extraCmdline), " ")
 	return []string{
-		"-accel", "tcg", "-cpu", s.cpu, "-m", strconv.Itoa(s.memMB), "-smp", strconv.Itoa(s.cpus),
+		"-accel", s.accel, "-cpu", s.cpu, "-m", strconv.Itoa(s.memMB), "-smp", strconv.Itoa(s.cpus),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-kernel", s.kernel, "-initrd", s.initrd, "-append", strings.TrimSpace(cmdline),
 		"-chardev", "file,id=con,path=" + filepath.Join(s.dir, s.name+".console"),

@@ -67,12 +67,22 @@ const (
 // and SSE, which the emulator carries correctly (docs/lab.md).
 const DefaultCPU = "EPYC-v3,+svm,+npt,-xsave"
 
+// DefaultAccel is QEMU's accelerator for the hosts: TCG with one host
+// thread for all of a host's CPUs. With a thread per CPU (multi-threaded
+// TCG, QEMU's default), a nested guest's vCPU now and then resumed with the
+// emulated host's own state (its kernel RIP, CR3, GDT and IDT), in QEMU
+// 7.2 and 10.0 alike: 1 run in 4 of TestPingPong. One thread ran it 4 times
+// in 4 clean, and every test of the lab since (docs/lab.md, "One TCG
+// thread per host").
+const DefaultAccel = "tcg,thread=single"
+
 // Config says what lab to start.
 type Config struct {
 	Hosts    int    // how many emulated hosts (default 2)
 	MemMB    int    // each host's RAM (default 3072)
 	CPUs     int    // each host's CPUs (default 1)
 	CPU      string // QEMU CPU model (default $FERRY_LAB_CPU, else DefaultCPU)
+	Accel    string // QEMU -accel (default $FERRY_LAB_ACCEL, else DefaultAccel)
 	ImageDir string // scripts/lab-host.sh's output: vmlinuz, host.cpio
 	Ferry    string // a static ferry binary for the hosts
 	Guest    string // the test guest image (optional)
@@ -122,6 +132,12 @@ func (c *Config) defaults() {
 	}
 	if c.CPU == "" {
 		c.CPU = DefaultCPU
+	}
+	if c.Accel == "" {
+		c.Accel = os.Getenv("FERRY_LAB_ACCEL")
+	}
+	if c.Accel == "" {
+		c.Accel = DefaultAccel
 	}
 	if c.QEMU == "" {
 		c.QEMU = "qemu-system-x86_64"
@@ -175,13 +191,13 @@ func Start(ctx context.Context, cfg Config) (_ *Lab, err error) {
 	for i := 1; i <= cfg.Hosts; i++ {
 		spec := hostSpec{
 			name: fmt.Sprintf("host%d", i), ip: fmt.Sprintf("10.77.0.%d", i), index: i,
-			memMB: cfg.MemMB, cpus: cfg.CPUs, cpu: cfg.CPU,
+			memMB: cfg.MemMB, cpus: cfg.CPUs, cpu: cfg.CPU, accel: cfg.Accel,
 			kernel: filepath.Join(cfg.ImageDir, "vmlinuz"), initrd: initrd,
 			hub: l.Hub.Addr(), dir: l.Dir, token: hex.EncodeToString(token), extraCmdline: cfg.Cmdline,
 			tscKHz: tscKHz(),
 		}
 		t0 := time.Now()
-		l.logf("booting %s (%s, %d MiB, %d CPU, TCG: every instruction emulated)", spec.name, cfg.CPU, cfg.MemMB, cfg.CPUs)
+		l.logf("booting %s (%s, %d MiB, %d CPU, -accel %s: every instruction emulated)", spec.name, cfg.CPU, cfg.MemMB, cfg.CPUs, cfg.Accel)
 		h, err := startHost(ctx, qemu, spec, cfg.BootTimeout)
 		if err != nil {
 			return nil, err

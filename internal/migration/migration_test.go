@@ -68,12 +68,20 @@ func (g *guest) beats(t testing.TB, n int) {
 		}
 		select {
 		case <-g.vm.Done():
+			testguest.FreezeKernelTrace()
 			_, err := g.vm.Wait()
 			t.Fatalf("guest ended: %v\n%s", err, g.raw.String())
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	t.Fatalf("guest did not beat %d more times\n%s", n, g.raw.String())
+	testguest.FreezeKernelTrace()
+	per := map[uint64]int{}
+	for _, l := range g.con.Lines() {
+		if guestlog.IsBeat(l.Line) {
+			per[l.Line.MustUint("cpu")]++
+		}
+	}
+	t.Fatalf("guest did not beat %d more times in 30 s (beats per vCPU before %v, now %v)\n%s\n%s", n, start, per, g.vm.Diagnose(), g.raw.String())
 }
 
 // clean fails the test if the guest reported any corruption.
@@ -278,6 +286,7 @@ func TestPingPong(t *testing.T) {
 		if res.err != nil || res.dstErr != nil {
 			t.Fatalf("trip %d: source %v, destination %v", i, res.err, res.dstErr)
 		}
+		t.Logf("trip %d (%s): downtime %s", i, mode, res.rep.Downtime)
 		down += res.rep.Downtime
 		g.clean(t, fmt.Sprintf("trip %d source", i))
 		g = res.dst

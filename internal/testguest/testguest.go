@@ -132,3 +132,14 @@ func HardwareVirtualization() bool {
 	}
 	return false
 }
+
+// FreezeKernelTrace stops the host kernel's trace ring at the moment a test
+// sees its guest fail, so that the events leading to the failure are not
+// overwritten while the test tears down. It acts only when the lab's test
+// runner turned tracing on (scripts/kvm-in-lab -ktrace sets FERRY_KTRACE).
+func FreezeKernelTrace() {
+	if os.Getenv("FERRY_KTRACE") == "" {
+		return
+	}
+	_ = os.WriteFile("/sys/kernel/tracing/tracing_on", []byte("0\n"), 0)
+}

@@ -85,6 +85,10 @@ func TestBootLinux(t *testing.T) {
 				t.Logf("checked: PVM host (no vmx/svm), kernel code is emulated; waiting for the banner %q", want)
 			}
 			ok := waitForConsole(t, vm, &out, want, timeout)
+			if !ok {
+				testguest.FreezeKernelTrace()
+				t.Logf("the guest's vCPUs when the wait ended:\n%s", vm.Diagnose())
+			}
 			vm.Stop()
 			_, runErr := vm.Wait()
 			if !ok {

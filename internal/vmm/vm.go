@@ -415,8 +415,9 @@ func (v *VM) Fail(err error) { v.finish(nil, err) }
 func (v *VM) Pause() error {
 	v.mu.Lock()
 	if !v.started || v.stopping {
+		why := v.endedLocked()
 		v.mu.Unlock()
-		return errors.New("pause: VM is not running")
+		return errors.New("pause: VM is not running" + why)
 	}
 	v.pauseReq = true
 	v.mu.Unlock()
@@ -427,9 +428,22 @@ func (v *VM) Pause() error {
 		v.cond.Wait()
 	}
 	if v.stopping {
-		return errors.New("pause: VM stopped")
+		return errors.New("pause: VM stopped" + v.endedLocked())
 	}
 	return nil
+}
+
+// endedLocked says how an ended VM ended, for an error about it: the
+// guest's failure (a triple fault with the registers) tells more than
+// "not running".
+func (v *VM) endedLocked() string {
+	switch {
+	case v.err != nil:
+		return " (" + v.err.Error() + ")"
+	case v.exit != nil:
+		return fmt.Sprintf(" (it ended: %s, status %d)", v.exit.Reason, v.exit.Status)
+	}
+	return ""
 }
 
 // Resume lets paused vCPUs run again.

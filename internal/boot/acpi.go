@@ -14,11 +14,13 @@ import (
 // small, static set of tables into the BIOS area, in both boot modes:
 //
 //	RSDP  "RSD PTR "  revision 2, points at the XSDT (no RSDT)
-//	XSDT              FADT, MADT
+//	XSDT              FADT, MADT, MCFG (with a PCI bus)
 //	FADT  "FACP"      revision 6.3, points at the DSDT and the FACS
 //	FACS              required on a platform that is not hardware-reduced
-//	DSDT              AML: Name (\_S5, Package () {5, 5, 0, 0}) and nothing else
+//	DSDT              AML: Name (\_S5, Package () {5, 5, 0, 0}), and with a
+//	                  PCI bus its host bridge \_SB.PCI0 (aml.go)
 //	MADT  "APIC"      local APIC per vCPU, I/O APIC, SCI override, LINT1 NMI
+//	MCFG              with a PCI bus: its ECAM window (bus 0)
 //
 // The RSDP sits at ACPIAddr, 16-byte aligned inside [0xE0000, 0x100000), so
 // a guest's legacy BIOS scan finds it; the loader also hands its address
@@ -209,26 +211,11 @@ const (
 	noC3Latency = 0xFFF
 )
 
-// dsdtAML is the DSDT's definition block:
-//
-//	Name (_S5, Package (0x04) { 0x05, 0x05, Zero, Zero })
-//
-// NameOp, NameSeg "_S5_", PackageOp, PkgLength (8 bytes: itself, the
-// element count and the elements), NumElements 4, two BytePrefix 0x05
-// (SLP_TYPa, SLP_TYPb) and two ZeroOp (reserved).
-var dsdtAML = []byte{
-	0x08, '_', 'S', '5', '_',
-	0x12, 0x08, 0x04,
-	0x0A, ACPISleepTypeS5,
-	0x0A, ACPISleepTypeS5,
-	0x00,
-	0x00,
-}
-
 // acpiLayout gives the offsets of the tables inside the ACPI blob, which
 // is written at ACPIAddr.
 type acpiLayout struct {
-	rsdp, facs, dsdt, fadt, xsdt, madt, size int
+	rsdp, facs, dsdt, fadt, xsdt, madt, mcfg, size int
+	dsdtLen, xsdtLen                               int // whole tables, header included
 }
 
 func align(x, a int) int { return (x + a - 1) / a * a }
@@ -238,15 +225,25 @@ func madtSize(cpus int) int {
 	return madtFixedSize + cpus*madtLAPICSize + madtIOAPICSize + madtISOSize + madtNMISize
 }
 
-func acpiLayoutFor(cpus int) acpiLayout {
+func acpiLayoutFor(cpus int, pci PCIConfig) acpiLayout {
 	var l acpiLayout
+	tables := 2 // FADT, MADT
+	if pci.Enabled() {
+		tables++ // MCFG
+	}
+	l.dsdtLen = acpiHeaderSize + len(dsdtAMLFor(pci))
+	l.xsdtLen = acpiHeaderSize + tables*8
 	l.rsdp = 0
 	l.facs = align(l.rsdp+rsdpSize, 64) // the FACS must be 64-byte aligned
 	l.dsdt = align(l.facs+facsSize, 16)
-	l.fadt = align(l.dsdt+acpiHeaderSize+len(dsdtAML), 16)
+	l.fadt = align(l.dsdt+l.dsdtLen, 16)
 	l.xsdt = align(l.fadt+fadtSize, 16)
-	l.madt = align(l.xsdt+acpiHeaderSize+2*8, 16)
+	l.madt = align(l.xsdt+l.xsdtLen, 16)
 	l.size = l.madt + madtSize(cpus)
+	if pci.Enabled() {
+		l.mcfg = align(l.size, 16)
+		l.size = l.mcfg + mcfgSize
+	}
 	return l
 }
 
@@ -280,11 +277,14 @@ func putGAS(b []byte, bitWidth, access uint8, port uint64) {
 
 // buildACPI returns the ACPI tables for cpus processors as one blob to be
 // written at ACPIAddr, and where each table is in it.
-func buildACPI(cpus int) ([]byte, acpiLayout, error) {
+func buildACPI(cpus int, pci PCIConfig) ([]byte, acpiLayout, error) {
 	if cpus < 1 || cpus > MPMaxCPUs {
 		return nil, acpiLayout{}, fmt.Errorf("boot: ACPI tables: %d CPUs is outside 1..%d", cpus, MPMaxCPUs)
 	}
-	l := acpiLayoutFor(cpus)
+	if err := pci.validate(); err != nil {
+		return nil, acpiLayout{}, err
+	}
+	l := acpiLayoutFor(cpus, pci)
 	if ACPIAddr+l.size > ACPIEnd {
 		return nil, acpiLayout{}, fmt.Errorf("boot: ACPI tables for %d CPUs need %d bytes, more than the %d at %#x", cpus, l.size, ACPIEnd-ACPIAddr, ACPIAddr)
 	}
@@ -298,9 +298,9 @@ func buildACPI(cpus int) ([]byte, acpiLayout, error) {
 	facs[32] = facsVersion
 
 	// DSDT.
-	dsdt := blob[l.dsdt : l.dsdt+acpiHeaderSize+len(dsdtAML)]
+	dsdt := blob[l.dsdt : l.dsdt+l.dsdtLen]
 	acpiHeader(dsdt, "DSDT", dsdtRevision)
-	copy(dsdt[acpiHeaderSize:], dsdtAML)
+	copy(dsdt[acpiHeaderSize:], dsdtAMLFor(pci))
 	sealTable(dsdt)
 
 	// FADT.
@@ -378,10 +378,14 @@ func buildACPI(cpus int) ([]byte, acpiLayout, error) {
 	sealTable(madt)
 
 	// XSDT.
-	xsdt := blob[l.xsdt : l.xsdt+acpiHeaderSize+2*8]
+	xsdt := blob[l.xsdt : l.xsdt+l.xsdtLen]
 	acpiHeader(xsdt, "XSDT", xsdtRevision)
 	le.PutUint64(xsdt[acpiHeaderSize:], addr(l.fadt))
 	le.PutUint64(xsdt[acpiHeaderSize+8:], addr(l.madt))
+	if pci.Enabled() {
+		le.PutUint64(xsdt[acpiHeaderSize+16:], addr(l.mcfg))
+		buildMCFG(blob[l.mcfg:l.mcfg+mcfgSize], pci)
+	}
 	sealTable(xsdt)
 
 	// RSDP: the first 20 bytes (the ACPI 1.0 structure) have their own
@@ -400,8 +404,8 @@ func buildACPI(cpus int) ([]byte, acpiLayout, error) {
 
 // writeACPI writes the ACPI tables for cpus processors and returns the
 // RSDP's address.
-func writeACPI(mem *guestmem.Memory, cpus int) (uint64, error) {
-	blob, _, err := buildACPI(cpus)
+func writeACPI(mem *guestmem.Memory, cpus int, pci PCIConfig) (uint64, error) {
+	blob, _, err := buildACPI(cpus, pci)
 	if err != nil {
 		return 0, err
 	}
@@ -413,15 +417,40 @@ func writeACPI(mem *guestmem.Memory, cpus int) (uint64, error) {
 
 // writeFirmwareTables writes what firmware would leave for the guest to
 // find its CPUs and interrupt routing: the MP table and the ACPI tables.
-func writeFirmwareTables(mem *guestmem.Memory, cpus int, e *Entry) error {
+func writeFirmwareTables(mem *guestmem.Memory, cpus int, pci PCIConfig, e *Entry) error {
 	mp, err := writeMPTable(mem, cpus)
 	if err != nil {
 		return err
 	}
-	rsdp, err := writeACPI(mem, cpus)
+	rsdp, err := writeACPI(mem, cpus, pci)
 	if err != nil {
 		return err
 	}
 	e.MPTable, e.RSDPAddr = mp, rsdp
 	return nil
+}
+
+// mcfgSize is the MCFG table with one allocation (bus 0 of segment 0).
+const mcfgSize = acpiHeaderSize + 8 + 16
+
+// buildMCFG writes the MCFG table: the ECAM window of PCI segment 0,
+// buses 0 to 0 (PCI Firmware Specification 3.0, 4.1.2).
+func buildMCFG(t []byte, pci PCIConfig) {
+	acpiHeader(t, "MCFG", 1)
+	e := t[acpiHeaderSize+8:]
+	le.PutUint64(e[0:], pci.ECAMBase)
+	le.PutUint16(e[8:], 0) // segment group
+	e[10], e[11] = 0, 0    // start and end bus
+	sealTable(t)
+}
+
+// memoryMap is guest RAM's memory map with the ECAM window reserved, as
+// Linux wants it before it uses the MCFG table ("MMCONFIG ... reserved in
+// E820").
+func memoryMap(mem *guestmem.Memory, pci PCIConfig) []guestmem.E820Entry {
+	m := mem.E820()
+	if pci.Enabled() {
+		m = append(m, guestmem.E820Entry{Addr: pci.ECAMBase, Size: ECAMSize, Type: guestmem.E820Reserved})
+	}
+	return m
 }

@@ -336,7 +336,7 @@ func TestACPI(t *testing.T) {
 		})
 	}
 	for _, cpus := range []int{-1, 0, MPMaxCPUs + 1} {
-		if _, _, err := buildACPI(cpus); err == nil {
+		if _, _, err := buildACPI(cpus, PCIConfig{}); err == nil {
 			t.Errorf("ACPI tables for %d CPUs accepted", cpus)
 		}
 	}
@@ -345,7 +345,10 @@ func TestACPI(t *testing.T) {
 // The documented layout holds: RSDP at 0xE0000, FACS at 0xE0040, and the
 // largest set of tables ends where boot.go says.
 func TestACPILayout(t *testing.T) {
-	l := acpiLayoutFor(MPMaxCPUs)
+	if l := acpiLayoutFor(MPMaxCPUs, testPCI); ACPIAddr+l.size > ACPIEnd || l.mcfg%16 != 0 {
+		t.Errorf("tables for %d CPUs and a PCI bus end at %#x, MCFG at +%#x", MPMaxCPUs, ACPIAddr+l.size, l.mcfg)
+	}
+	l := acpiLayoutFor(MPMaxCPUs, PCIConfig{})
 	if l.rsdp != 0 || l.facs != 0x40 {
 		t.Errorf("RSDP at +%#x, FACS at +%#x", l.rsdp, l.facs)
 	}
@@ -384,22 +387,48 @@ func TestACPIIasl(t *testing.T) {
 		return string(out)
 	}
 	for _, cpus := range []int{1, 8, MPMaxCPUs} {
-		t.Run(fmt.Sprint(cpus), func(t *testing.T) {
-			blob, l, err := buildACPI(cpus)
+		for _, pci := range []PCIConfig{{}, testPCI} {
+			t.Run(fmt.Sprintf("%d-pci=%v", cpus, pci.Enabled()), func(t *testing.T) { checkIasl(t, run, cpus, pci) })
+		}
+	}
+}
+
+// testPCI is the PCI bus layout ferry's VMM uses (internal/pci).
+var testPCI = PCIConfig{ECAMBase: 0xE000_0000, MemBase: 0xC000_0000, MemEnd: 0xE000_0000, IOBase: 0xC000, IOEnd: 0x1_0000}
+
+// acpiTables names each table of a blob, for the ACPICA tools.
+func acpiTables(blob []byte, l acpiLayout, cpus int, pci PCIConfig) []struct {
+	name string
+	b    []byte
+} {
+	tbs := []struct {
+		name string
+		b    []byte
+	}{
+		{"facs", blob[l.facs : l.facs+facsSize]},
+		{"dsdt", blob[l.dsdt : l.dsdt+l.dsdtLen]},
+		{"facp", blob[l.fadt : l.fadt+fadtSize]},
+		{"xsdt", blob[l.xsdt : l.xsdt+l.xsdtLen]},
+		{"apic", blob[l.madt : l.madt+madtSize(cpus)]},
+	}
+	if pci.Enabled() {
+		tbs = append(tbs, struct {
+			name string
+			b    []byte
+		}{"mcfg", blob[l.mcfg : l.mcfg+mcfgSize]})
+	}
+	return tbs
+}
+
+func checkIasl(t *testing.T, run func(t *testing.T, args ...string) string, cpus int, pci PCIConfig) {
+	{
+		{
+			blob, l, err := buildACPI(cpus, pci)
 			if err != nil {
 				t.Fatal(err)
 			}
 			dir := t.TempDir()
-			for _, tb := range []struct {
-				name string
-				b    []byte
-			}{
-				{"facs", blob[l.facs : l.facs+facsSize]},
-				{"dsdt", blob[l.dsdt : l.dsdt+acpiHeaderSize+len(dsdtAML)]},
-				{"facp", blob[l.fadt : l.fadt+fadtSize]},
-				{"xsdt", blob[l.xsdt : l.xsdt+acpiHeaderSize+16]},
-				{"apic", blob[l.madt:l.size]},
-			} {
+			for _, tb := range acpiTables(blob, l, cpus, pci) {
 				base := filepath.Join(dir, tb.name)
 				if err := os.WriteFile(base+".dat", tb.b, 0o644); err != nil {
 					t.Fatal(err)
@@ -459,7 +488,7 @@ func TestACPIIasl(t *testing.T) {
 			if !bytes.Equal(ref, rsdp) {
 				t.Errorf("RSDP\n% x\niasl compiles the same fields to\n% x", rsdp, ref)
 			}
-		})
+		}
 	}
 }
 
@@ -476,28 +505,23 @@ func TestACPIExec(t *testing.T) {
 	if err != nil {
 		t.Skip("acpiexec not found (Debian: apt-get install acpica-tools); skipping the ACPICA start-up check")
 	}
-	blob, l, err := buildACPI(2)
+	blob, l, err := buildACPI(2, testPCI)
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
 	var files []string
-	for _, tb := range []struct {
-		name string
-		b    []byte
-	}{
-		{"facp", blob[l.fadt : l.fadt+fadtSize]},
-		{"dsdt", blob[l.dsdt : l.dsdt+acpiHeaderSize+len(dsdtAML)]},
-		{"facs", blob[l.facs : l.facs+facsSize]},
-		{"apic", blob[l.madt:l.size]},
-	} {
+	for _, tb := range acpiTables(blob, l, 2, testPCI) {
+		if tb.name == "xsdt" {
+			continue // acpiexec takes the tables themselves
+		}
 		f := filepath.Join(dir, tb.name+".dat")
 		if err := os.WriteFile(f, tb.b, 0o644); err != nil {
 			t.Fatal(err)
 		}
 		files = append(files, f)
 	}
-	cmd := exec.Command(acpiexec, append([]string{"-b", `evaluate \_S5`}, files...)...)
+	cmd := exec.Command(acpiexec, append([]string{"-b", `evaluate \_S5; evaluate \_SB.PCI0._CRS; evaluate \_SB.PCI0._HID`}, files...)...)
 	cmd.Dir = dir
 	out, err := cmd.CombinedOutput()
 	if err != nil {

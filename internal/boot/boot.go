@@ -183,7 +183,8 @@ type Options struct {
 	Kernel  []byte // bzImage or ELF with a PVH note
 	Initrd  []byte // optional
 	Cmdline string
-	CPUs    int // number of vCPUs (0 means 1); described in the ACPI MADT and the MP table so guests (Linux) find and start the APs
+	CPUs    int       // number of vCPUs (0 means 1); described in the ACPI MADT and the MP table so guests (Linux) find and start the APs
+	PCI     PCIConfig // the PCI bus described in the DSDT, MCFG and memory map; zero: none
 }
 
 // Probe reports what kind of image b is without loading it ("elf-pvh",

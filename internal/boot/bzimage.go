@@ -223,7 +223,7 @@ func loadBzImage(mem *guestmem.Memory, img *bzImage, opts Options, cpus int) (*E
 		e.InitrdAddr, e.InitrdSize = a, size
 	}
 
-	e820 := mem.E820()
+	e820 := memoryMap(mem, opts.PCI)
 	if len(e820) > zpE820Max {
 		return nil, fmt.Errorf("boot: memory map has %d entries, the zero page holds at most %d", len(e820), zpE820Max)
 	}
@@ -275,7 +275,7 @@ func loadBzImage(mem *guestmem.Memory, img *bzImage, opts Options, cpus int) (*E
 	if err := writeGDT(mem, ModeLinux64); err != nil {
 		return nil, fmt.Errorf("boot: writing GDT: %w", err)
 	}
-	if err := writeFirmwareTables(mem, cpus, e); err != nil {
+	if err := writeFirmwareTables(mem, cpus, opts.PCI, e); err != nil {
 		return nil, err
 	}
 	return e, nil

@@ -71,7 +71,7 @@ func loadPVH(mem *guestmem.Memory, img *elfImage, opts Options, cpus int) (*Entr
 		e.InitrdAddr, e.InitrdSize = a, size
 	}
 
-	e820 := mem.E820()
+	e820 := memoryMap(mem, opts.PCI)
 	if len(e820) > maxMemmapEntries {
 		return nil, fmt.Errorf("boot: memory map has %d entries, at most %d fit", len(e820), maxMemmapEntries)
 	}
@@ -124,7 +124,7 @@ func loadPVH(mem *guestmem.Memory, img *elfImage, opts Options, cpus int) (*Entr
 	if err := writeGDT(mem, ModePVH32); err != nil {
 		return nil, fmt.Errorf("boot: writing GDT: %w", err)
 	}
-	if err := writeFirmwareTables(mem, cpus, e); err != nil {
+	if err := writeFirmwareTables(mem, cpus, opts.PCI, e); err != nil {
 		return nil, err
 	}
 	return e, nil

@@ -123,3 +123,17 @@ func (b *Bus) Write(addr uint64, data []byte) {
 	}
 	atomic.AddUint64(&b.Unclaimed, 1)
 }
+
+// Unregister removes the device registered at exactly base (the base it was
+// given to Register). Accesses already dispatched to it may still complete
+// after Unregister returns; later ones no longer reach it.
+func (b *Bus) Unregister(base uint64) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	i := sort.Search(len(b.maps), func(i int) bool { return b.maps[i].base >= base })
+	if i == len(b.maps) || b.maps[i].base != base {
+		return fmt.Errorf("no device registered at %#x", base)
+	}
+	b.maps = append(b.maps[:i], b.maps[i+1:]...)
+	return nil
+}

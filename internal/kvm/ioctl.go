@@ -48,6 +48,7 @@ var (
 	ioSetIdentityMapAddr     = iow(0x48, 8)
 	ioCreateIRQChip          = io_(0x60)
 	ioIRQLine                = iow(0x61, unsafe.Sizeof(irqLevel{}))
+	ioSignalMSI              = iow(0xa5, unsafe.Sizeof(msi{}))
 	ioGetIRQChip             = iowr(0x62, unsafe.Sizeof(IRQChip{}))
 	ioSetIRQChip             = ior(0x63, unsafe.Sizeof(IRQChip{}))
 	ioCreatePIT2             = iow(0x77, unsafe.Sizeof(pitConfig{}))

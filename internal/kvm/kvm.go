@@ -260,6 +260,15 @@ func (vm *VM) IRQLine(gsi uint32, high bool) error {
 	return wrap(fmt.Sprintf("KVM_IRQ_LINE gsi %d", gsi), ioctlPtr(vm.fd, ioIRQLine, unsafe.Pointer(&l)))
 }
 
+// SignalMSI injects one message-signalled interrupt (KVM_SIGNAL_MSI):
+// data written to addr, as a PCI function's MSI-X table entry holds them.
+// It may be called from any thread. KVM returns 0 when the interrupt was
+// not delivered (masked at the LAPIC, for one), which is not an error.
+func (vm *VM) SignalMSI(addr uint64, data uint32) error {
+	m := msi{AddressLo: uint32(addr), AddressHi: uint32(addr >> 32), Data: data}
+	return wrap("KVM_SIGNAL_MSI", ioctlPtr(vm.fd, ioSignalMSI, unsafe.Pointer(&m)))
+}
+
 // GetIRQChip reads one interrupt controller (IRQChipPICMaster, ...).
 func (vm *VM) GetIRQChip(id uint32) (IRQChip, error) {
 	c := IRQChip{ChipID: id}

@@ -338,6 +338,12 @@ type irqLevel struct {
 	Level uint32
 }
 
+// msi is struct kvm_msi.
+type msi struct {
+	AddressLo, AddressHi, Data, Flags, DevID uint32
+	_                                        [12]byte
+}
+
 // EnableCap is struct kvm_enable_cap.
 type EnableCap struct {
 	Cap   uint32

@@ -31,6 +31,12 @@ const (
 // MSIX is a function's MSI-X capability: its message control word in
 // configuration space, and the vector table and pending-bit array (PBA)
 // in one of its memory BARs. Its methods are safe for concurrent use.
+//
+// A message is sent only while the command register's Bus Master Enable
+// bit is set (an MSI is a memory write): while it is clear, a message is
+// left pending as for a masked vector, and sent when the guest sets it
+// again. A configuration write clearing the bit returns only after every
+// message already being sent has gone.
 type MSIX struct {
 	cfg      *ConfigSpace
 	capOff   int // offset of the capability's ID byte
@@ -39,6 +45,11 @@ type MSIX struct {
 	pbaOff   uint64
 	vectors  int
 	sender   MSISender
+
+	// sending is held for reading from the decision to send messages
+	// until they are sent, and taken for writing when Bus Master Enable
+	// is cleared, to wait for those in flight. Taken before mu.
+	sending sync.RWMutex
 
 	mu    sync.Mutex // guards table, pba, log; taken before cfg's lock
 	table []byte     // vectors × 16 bytes
@@ -81,6 +92,7 @@ func NewMSIX(c *ConfigSpace, vectors int, bar int, tableOffset, pbaOffset uint64
 	}
 	m.capOff = off
 	c.Intercept(off+2, 2, msixControlWatch{m})
+	c.Intercept(RegCommand, 2, msixCommandWatch{m})
 	return m, nil
 }
 
@@ -192,6 +204,8 @@ func (m *MSIX) Write(offsetInBAR uint64, data []byte) (handled bool) {
 	if !isTable || len(data) == 0 {
 		return true
 	}
+	m.sending.RLock()
+	defer m.sending.RUnlock()
 	m.mu.Lock()
 	for k, v := range data {
 		pos := rel + uint64(k)
@@ -226,7 +240,7 @@ func entryWritable(i int) byte {
 // messages.
 func (m *MSIX) collectPendingLocked(first, last int) []msiMessage {
 	ctl := m.control()
-	if ctl&MSIXControlEnable == 0 || ctl&MSIXControlFuncMask != 0 {
+	if ctl&MSIXControlEnable == 0 || ctl&MSIXControlFuncMask != 0 || !m.busMaster() {
 		return nil
 	}
 	var msgs []msiMessage
@@ -258,6 +272,10 @@ func (m *MSIX) send(msg msiMessage) error {
 	return nil
 }
 
+// busMaster reports whether the command register lets the function
+// send messages.
+func (m *MSIX) busMaster() bool { return m.cfg.Command()&CommandBusMaster != 0 }
+
 func (m *MSIX) pendingLocked(v int) bool { return m.pba[v/8]&(1<<(v%8)) != 0 }
 
 func (m *MSIX) maskedLocked(v int) bool {
@@ -275,8 +293,9 @@ func (m *MSIX) messageLocked(v int) msiMessage {
 
 // Notify signals vector. NoVector does nothing; while MSI-X is disabled
 // nothing happens and no error is returned; while the vector or the whole
-// function is masked its pending bit is set instead, and the message is
-// sent when the guest unmasks it.
+// function is masked, or Bus Master Enable is clear, its pending bit is
+// set instead, and the message is sent when the guest unmasks it (or sets
+// Bus Master Enable).
 func (m *MSIX) Notify(vector uint16) error {
 	if vector == NoVector {
 		return nil
@@ -285,13 +304,15 @@ func (m *MSIX) Notify(vector uint16) error {
 	if v >= m.vectors {
 		return fmt.Errorf("MSI-X: vector %d out of range (%d vectors)", v, m.vectors)
 	}
+	m.sending.RLock()
+	defer m.sending.RUnlock()
 	m.mu.Lock()
 	ctl := m.control()
 	if ctl&MSIXControlEnable == 0 {
 		m.mu.Unlock()
 		return nil
 	}
-	if ctl&MSIXControlFuncMask != 0 || m.maskedLocked(v) {
+	if ctl&MSIXControlFuncMask != 0 || m.maskedLocked(v) || !m.busMaster() {
 		m.pba[v/8] |= 1 << (v % 8)
 		m.mu.Unlock()
 		return nil
@@ -305,6 +326,8 @@ func (m *MSIX) Notify(vector uint16) error {
 // the function mask (or enabling MSI-X) delivers every pending, unmasked
 // vector.
 func (m *MSIX) controlWritten() {
+	m.sending.RLock()
+	defer m.sending.RUnlock()
 	m.mu.Lock()
 	msgs := m.collectPendingLocked(0, m.vectors-1)
 	m.mu.Unlock()
@@ -316,6 +339,26 @@ type msixControlWatch struct{ m *MSIX }
 
 func (w msixControlWatch) Read(int, []byte)  {}
 func (w msixControlWatch) Write(int, []byte) { w.m.controlWritten() }
+
+// commandWritten runs after the guest wrote the command register. With
+// Bus Master Enable set, every pending, deliverable vector is sent; with
+// it clear, it waits for the messages being sent (no new one starts:
+// Notify now sees the bit clear).
+func (m *MSIX) commandWritten() {
+	if !m.busMaster() {
+		m.sending.Lock()
+		//lint:ignore SA2001 an empty critical section is the barrier wanted: it waits for a send in progress
+		m.sending.Unlock()
+		return
+	}
+	m.controlWritten()
+}
+
+// msixCommandWatch intercepts writes to the command register.
+type msixCommandWatch struct{ m *MSIX }
+
+func (w msixCommandWatch) Read(int, []byte)  {}
+func (w msixCommandWatch) Write(int, []byte) { w.m.commandWritten() }
 
 // MSIXState is the MSI-X table and PBA for save/restore (message control
 // is in configuration space).

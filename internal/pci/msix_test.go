@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 )
 
 // msixEntry programs vector v through 4-byte table writes, as Linux does.
@@ -35,6 +36,16 @@ func msixRead(m *MSIX, off uint64, n int) uint64 {
 }
 
 func setControl(f *testFunc, v uint16) { cfgWrite(f.cfg, f.msix.CapOffset()+2, 2, uint32(v)) }
+
+// busMaster sets or clears Bus Master Enable, as pci_set_master and
+// pci_clear_master do (read, modify, write).
+func busMaster(f *testFunc, on bool) {
+	cmd := cfgRead(f.cfg, RegCommand, 2) &^ CommandBusMaster
+	if on {
+		cmd |= CommandBusMaster
+	}
+	cfgWrite(f.cfg, RegCommand, 2, cmd)
+}
 
 func TestMSIXCapability(t *testing.T) {
 	f := newTestFunc(t, &fakeSender{})
@@ -116,6 +127,7 @@ func TestMSIXMaskPendingUnmask(t *testing.T) {
 	f := newTestFunc(t, s)
 	m := f.msix
 	msixEntry(m, 1, 0xfee0_0000, 0x31, true)
+	busMaster(f, true)
 	setControl(f, MSIXControlEnable)
 
 	must(t, m.Notify(1))
@@ -151,6 +163,7 @@ func TestMSIXFunctionMask(t *testing.T) {
 	for v := range testVectors {
 		msixEntry(m, v, 0xfee0_0000, uint32(0x40+v), false)
 	}
+	busMaster(f, true)
 	setControl(f, MSIXControlEnable|MSIXControlFuncMask)
 	must(t, m.Notify(0))
 	must(t, m.Notify(3))
@@ -179,6 +192,7 @@ func TestMSIXNotifyEdges(t *testing.T) {
 	f := newTestFunc(t, s)
 	m := f.msix
 	msixEntry(m, 0, 0xfee0_0000, 0x50, false)
+	busMaster(f, true)
 	if err := m.Notify(0); err != nil || len(s.take()) != 0 || msixRead(m, testPBAOff, 8) != 0 {
 		t.Errorf("Notify while disabled: err %v, or it delivered or set a pending bit", err)
 	}
@@ -244,6 +258,7 @@ func TestMSIXState(t *testing.T) {
 	s := &fakeSender{}
 	src := newTestFunc(t, s)
 	msixEntry(src.msix, 2, 0xfee0_2000, 0x66, true)
+	busMaster(src, true) // restored into dst with its configuration space
 	setControl(src, MSIXControlEnable)
 	must(t, src.msix.Notify(2))
 	st := src.msix.State()
@@ -287,6 +302,7 @@ func TestMSIXConcurrentNotify(t *testing.T) {
 	f := newTestFunc(t, s)
 	m := f.msix
 	msixEntry(m, 0, 0xfee0_0000, 0x70, false)
+	busMaster(f, true)
 	setControl(f, MSIXControlEnable)
 	const n = 500
 	var wg sync.WaitGroup
@@ -316,5 +332,104 @@ func TestMSIXConcurrentNotify(t *testing.T) {
 	}
 	if got := msixRead(m, testPBAOff, 8); got != 0 {
 		t.Errorf("PBA = %#x after unmasking everything", got)
+	}
+}
+
+// TestMSIXBusMaster: with Bus Master Enable clear a function sends no
+// message; what it would have sent is pending, and sent once when the
+// guest sets the bit again (masked vectors stay pending).
+func TestMSIXBusMaster(t *testing.T) {
+	s := &fakeSender{}
+	f := newTestFunc(t, s)
+	m := f.msix
+	msixEntry(m, 0, 0xfee0_0000, 0x80, false)
+	msixEntry(m, 1, 0xfee0_0000, 0x81, false)
+	msixEntry(m, 2, 0xfee0_0000, 0x82, true)
+	setControl(f, MSIXControlEnable)
+	must(t, m.Notify(0)) // BME clear since reset
+	must(t, m.Notify(0))
+	must(t, m.Notify(2))
+	if got := s.take(); len(got) != 0 {
+		t.Fatalf("sent %v with Bus Master Enable clear", got)
+	}
+	if got := msixRead(m, testPBAOff, 8); got != 0b101 {
+		t.Fatalf("PBA = %#b, want vectors 0 and 2", got)
+	}
+	// Unmasking does not send while BME is clear; other command bits
+	// written do not send either.
+	m.Write(testTableOff+2*16+12, le32(0))
+	cfgWrite(f.cfg, RegCommand, 2, CommandMemory)
+	if got := s.take(); len(got) != 0 {
+		t.Fatalf("sent %v with Bus Master Enable clear", got)
+	}
+	busMaster(f, true)
+	if got := s.take(); !slices.Equal(got, []string{"0xfee00000:0x80", "0xfee00000:0x82"}) {
+		t.Fatalf("setting Bus Master Enable sent %v", got)
+	}
+	if got := msixRead(m, testPBAOff, 8); got != 0 {
+		t.Fatalf("PBA = %#b after delivery", got)
+	}
+	busMaster(f, true) // again: nothing left to send
+	must(t, m.Notify(1))
+	if got := s.take(); !slices.Equal(got, []string{"0xfee00000:0x81"}) {
+		t.Fatalf("Notify with Bus Master Enable set sent %v", got)
+	}
+	// pci_clear_master: pending again; MSI-X disabled meanwhile drops it.
+	busMaster(f, false)
+	must(t, m.Notify(1))
+	if got := s.take(); len(got) != 0 || msixRead(m, testPBAOff, 8) != 0b10 {
+		t.Fatalf("after clearing BME: sent %v, PBA %#b", got, msixRead(m, testPBAOff, 8))
+	}
+	busMaster(f, true)
+	if got := s.take(); !slices.Equal(got, []string{"0xfee00000:0x81"}) {
+		t.Fatalf("setting Bus Master Enable again sent %v", got)
+	}
+}
+
+// blockingSender holds each message until released.
+type blockingSender struct {
+	entered chan struct{}
+	release chan struct{}
+
+	mu   sync.Mutex
+	sent int
+}
+
+func (s *blockingSender) SignalMSI(uint64, uint32) error {
+	s.entered <- struct{}{}
+	<-s.release
+	s.mu.Lock()
+	s.sent++
+	s.mu.Unlock()
+	return nil
+}
+
+// TestMSIXBusMasterClearWaits: a configuration write clearing Bus Master
+// Enable returns only after the message being sent has gone.
+func TestMSIXBusMasterClearWaits(t *testing.T) {
+	s := &blockingSender{entered: make(chan struct{}), release: make(chan struct{})}
+	f := newTestFunc(t, s)
+	m := f.msix
+	msixEntry(m, 0, 0xfee0_0000, 0x90, false)
+	setControl(f, MSIXControlEnable)
+	busMaster(f, true)
+	go func() { _ = m.Notify(0) }()
+	<-s.entered
+	cleared := make(chan struct{})
+	go func() {
+		busMaster(f, false)
+		close(cleared)
+	}()
+	select {
+	case <-cleared:
+		t.Fatal("clearing Bus Master Enable returned while a message was being sent")
+	case <-time.After(20 * time.Millisecond):
+	}
+	close(s.release)
+	<-cleared
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sent != 1 {
+		t.Fatalf("%d messages sent", s.sent)
 	}
 }

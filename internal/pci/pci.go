@@ -53,11 +53,17 @@
 //	+4  tableOffset | BIR n               vector, whole qwords, read-only
 //	+8  pbaOffset   | BIR n
 //
+// An MSI-X message is a memory write, so it is sent only while the
+// command register's Bus Master Enable bit is set; otherwise it is left
+// pending, as for a masked vector, until the guest sets the bit.
+//
 // Locking: Bus serializes configuration accesses and mapping changes
 // (Bus.mu, then ConfigSpace.mu); MSIX.mu is taken before ConfigSpace.mu.
 // Interceptors, BAR handlers and MSISender run with neither ConfigSpace
-// nor MSIX locked, but interceptors run inside a bus configuration access
-// and must not call the Bus.
+// nor MSIX.mu locked, but interceptors run inside a bus configuration
+// access and must not call the Bus, and MSISender runs while a clear of
+// Bus Master Enable waits for it, so it must not write configuration
+// space.
 package pci
 
 // Function is one PCI function on bus 0.

@@ -52,7 +52,21 @@ func (t *Transport) buildPCI(msi pci.MSISender) error {
 	}
 	m.SetLogger(t.log)
 	t.msix = m
+	// After MSI-X's own watch: on the way up, pending messages go before
+	// the worker starts again.
+	t.cfg.Intercept(pci.RegCommand, 2, commandWatch{t})
 	return nil
+}
+
+// commandWatch follows the guest's writes to the command register.
+type commandWatch struct{ t *Transport }
+
+func (w commandWatch) Read(int, []byte) {}
+
+func (w commandWatch) Write(int, []byte) {
+	w.t.mu.Lock()
+	defer w.t.mu.Unlock()
+	w.t.syncBusMasterLocked()
 }
 
 func (t *Transport) addVirtioCaps() error {

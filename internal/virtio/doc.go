@@ -90,6 +90,14 @@
 // from then on Pop returns nil, so State never sees a half-processed chain
 // and SetState continues exactly there.
 //
+// The PCI command register's Bus Master Enable bit (clear at reset; Linux
+// sets it at probe and clears it at shutdown and kexec) gates the device
+// the same way: a configuration write clearing it returns once the worker
+// has let go of its chain, and until the driver sets it again no queue is
+// processed (doorbells are kept) and MSI-X leaves interrupts pending; then
+// pending interrupts are sent and every queue is looked at. The bit lives
+// in configuration space, so State carries it and SetState follows it.
+//
 // # The guest is hostile
 //
 // Everything in guest memory is read once and checked before use. A chain

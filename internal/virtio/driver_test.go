@@ -79,11 +79,18 @@ type rngRig struct {
 // newRNGRig builds a rig on mem (a new mapped fakeMem if nil).
 func newRNGRig(t testing.TB, mem *fakeMem) *rngRig {
 	t.Helper()
+	return newRNGRigDev(t, mem, NewRNG())
+}
+
+// newRNGRigDev is newRNGRig with a given device (one whose entropy
+// source a test controls, say).
+func newRNGRigDev(t testing.TB, mem *fakeMem, dev *RNG) *rngRig {
+	t.Helper()
 	if mem == nil {
 		mem = newMappedMem(t, testBase, testSize)
 	}
 	r := &rngRig{mem: mem, msi: &msiRecorder{}, log: newErrLog(), mach: newMachine(t)}
-	tr, err := NewTransport(NewRNG(), TransportConfig{
+	tr, err := NewTransport(dev, TransportConfig{
 		Memory: mem, Dirty: mem.Dirty, MSI: r.msi, Logger: slog.New(r.log),
 	})
 	if err != nil {
@@ -104,6 +111,10 @@ type linuxDriver struct {
 	mmio *devices.Bus
 	slot int
 	m    *fakeMem
+
+	// noMaster: probe leaves Bus Master Enable clear, as a driver that
+	// forgets pci_set_master would.
+	noMaster bool
 
 	// Found by probe.
 	bar                  uint64 // BAR 4's address
@@ -206,8 +217,12 @@ func (d *linuxDriver) probe() {
 	d.cfgWrite(reg, 4, testBAR4)
 	d.cfgWrite(reg+4, 4, 0)
 	d.bar = testBAR4
-	// pci_enable_device, pci_set_master.
-	d.cfgWrite(pci.RegCommand, 2, cmd|pci.CommandMemory|pci.CommandBusMaster)
+	// pci_enable_device; virtio_pci_probe then calls pci_set_master
+	// before the virtio driver's probe sets up MSI-X and the queues.
+	d.cfgWrite(pci.RegCommand, 2, cmd|pci.CommandMemory)
+	if !d.noMaster {
+		d.setMaster(true)
+	}
 
 	// virtio_pci_find_capability for each structure; the MSI-X capability.
 	if d.cfgRead(pci.RegStatus, 2)&pci.StatusCapList == 0 {
@@ -287,6 +302,20 @@ func (d *linuxDriver) probe() {
 	for v := range n {
 		d.barWrite(tableOff+16*uint64(v)+12, 4, 0)
 		_ = d.barRead(tableOff+16*uint64(v)+12, 4) // flush, as pci_msix_write_vector_ctrl
+	}
+}
+
+// setMaster is pci_set_master (on) or pci_clear_master (off, as on
+// shutdown or kexec): a read-modify-write of the command register, only
+// if the bit changes.
+func (d *linuxDriver) setMaster(on bool) {
+	old := d.cfgRead(pci.RegCommand, 2)
+	cmd := old &^ pci.CommandBusMaster
+	if on {
+		cmd |= pci.CommandBusMaster
+	}
+	if cmd != old {
+		d.cfgWrite(pci.RegCommand, 2, cmd)
 	}
 }
 

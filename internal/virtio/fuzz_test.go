@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -301,6 +302,12 @@ func FuzzTransportAccess(f *testing.F) {
 	f.Add(append(linuxOps(msixCap), op(opCommonWrite, 1, commonStatus, 0)...))
 	f.Add(append(linuxOps(msixCap), op(opMemWrite, 8, 0x1000+14, 7)...)) // NEXT to nowhere
 	f.Add(op(opBARRead, 8, isrOffset, 0))
+	// pci_clear_master, a doorbell and a configuration-space round trip
+	// while it is clear, then pci_set_master.
+	f.Add(slices.Concat(linuxOps(msixCap),
+		op(opCfgWrite, 2, pci.RegCommand, pci.CommandMemory),
+		op(opMemWrite, 8, 0x2000, 2<<16), op(opNotify, 2, 0, 0), op(opPause, 1, 0, 1),
+		op(opCfgWrite, 2, pci.RegCommand, pci.CommandMemory|pci.CommandBusMaster)))
 	// The PCI_CFG window onto the status byte, then a write through it.
 	f.Add(append(append(append(op(opCfgWrite, 1, uint16(pciCfg+capBar), BAR),
 		op(opCfgWrite, 4, uint16(pciCfg+capOffset), commonStatus)...),

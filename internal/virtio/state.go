@@ -186,6 +186,7 @@ func (t *Transport) loadState(s State) error {
 	if err := t.cfg.SetState(s.Config); err != nil {
 		return err // CheckState accepted it: not reached
 	}
+	t.syncBusMasterLocked() // paused: the worker is idle
 	t.status = s.Status
 	t.driverFeatures = s.DriverFeatures
 	t.deviceFeatureSelect, t.driverFeatureSelect = s.DeviceFeatureSelect, s.DriverFeatureSelect

@@ -85,11 +85,12 @@ type Transport struct {
 	queueSelect         uint16
 	active              bool // Activate succeeded since the last reset
 	paused              bool
+	busMaster           bool // follows the command register's Bus Master Enable
 	busy                bool // the worker is inside Device.Process
 	closed              bool
 	failures            int // device errors so far: the first is logged as an error
 
-	halt          atomic.Int32  // > 0: queues hand out no chains
+	halt          atomic.Int32  // > 0: queues hand out no chains (pause, reset, bus master off)
 	msixConfig    atomic.Uint32 // config_msix_vector
 	isr           atomic.Uint32
 	configGen     atomic.Uint32 // config_generation (low 8 bits shown)
@@ -169,6 +170,7 @@ func newTransport(dev Device, c TransportConfig) (*Transport, error) {
 		exited:     make(chan struct{}),
 	}
 	t.idle.L = &t.mu
+	t.halt.Add(1) // Bus Master Enable is clear until the driver sets it
 	for i, s := range sizes {
 		q, err := NewQueue(i, s, c.Memory, c.Dirty)
 		if err != nil {

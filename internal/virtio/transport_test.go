@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/ferry-vmm/ferry/internal/pci"
 )
 
 const linuxFeatures = FeatureVersion1 | FeatureEventIdx
@@ -80,6 +82,9 @@ func TestLinuxDriverRNG(t *testing.T) {
 	d.probe()
 	if oldBAR == testBAR4 || r.tr.Config().BARAddress(BAR) != testBAR4 {
 		t.Fatalf("BAR 4 at %#x, then %#x; want it moved to %#x", oldBAR, r.tr.Config().BARAddress(BAR), testBAR4)
+	}
+	if r.tr.Config().Command()&(pci.CommandMemory|pci.CommandBusMaster) != pci.CommandMemory|pci.CommandBusMaster {
+		t.Fatalf("command register %#x after the probe: memory decode and bus mastering not both set", r.tr.Config().Command())
 	}
 	if d.common != commonOffset || d.isr != isrOffset || d.notify != notifyOffset || d.notifyMul != notifyMultiplier {
 		t.Fatalf("capabilities: common %#x isr %#x notify %#x ×%d", d.common, d.isr, d.notify, d.notifyMul)
@@ -493,6 +498,9 @@ func TestPauseStateRestore(t *testing.T) {
 	if s2, err := r2.tr.State(); err != nil || !reflect.DeepEqual(s2, s) {
 		t.Fatalf("state after SetState differs:\n%+v\n%+v (%v)", s2, s, err)
 	}
+	if !r2.tr.busMastering() || r2.tr.Config().Command()&pci.CommandBusMaster == 0 {
+		t.Fatal("the restored transport does not follow the saved Bus Master Enable")
+	}
 	d.mmio = &r2.mach.mmio
 	r2.tr.Resume()
 	d.waitUsed(d.availIdx)
@@ -517,7 +525,42 @@ func TestPauseStateRestore(t *testing.T) {
 	if len(r.msi.all()) == 0 {
 		t.Fatal("the source transport sent no interrupt at all")
 	}
-	if errs := append(r.log.logged(), r2.log.logged()...); len(errs) != 0 {
+
+	// Bus Master Enable travels in configuration space: saved clear (as
+	// after pci_clear_master, with a buffer posted and its doorbell rung),
+	// the destination processes nothing until the driver sets it.
+	d.setMaster(false)
+	next = d.availIdx
+	d.post(lenOf(next))
+	d.barWrite(d.notifyAt, 2, 0)
+	r2.tr.Pause()
+	s, err = r2.tr.State()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bs = r2.mach.bus.State()
+	r3 := newRNGRig(t, r.mem)
+	r3.tr.Pause()
+	if err := r3.tr.SetState(s); err != nil {
+		t.Fatal(err)
+	}
+	if err := r3.mach.bus.SetState(bs); err != nil {
+		t.Fatal(err)
+	}
+	d.mmio = &r3.mach.mmio
+	r.mem.clearDirty()
+	r3.tr.Resume()
+	if r3.tr.busMastering() {
+		t.Fatal("the restored transport has Bus Master Enable on; it was saved clear")
+	}
+	expectIdle(t, r3, d, next, 0, 0)
+	d.setMaster(true)
+	d.waitUsed(next + 1)
+	if id, n, _ := d.getBuf(); id != next%num || n != lenOf(next) {
+		t.Fatalf("used element %d = (%d, %d)", next, id, n)
+	}
+	eventually(t, "the queue's MSI from the third transport", func() bool { return msisFor(t, r3.msi, d.vectors, d.vectors[1]) == 1 })
+	if errs := append(append(r.log.logged(), r2.log.logged()...), r3.log.logged()...); len(errs) != 0 {
 		t.Fatalf("errors logged: %v", errs)
 	}
 }

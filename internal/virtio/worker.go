@@ -5,13 +5,16 @@ import (
 	"fmt"
 	"log/slog"
 	"math/bits"
+
+	"github.com/ferry-vmm/ferry/internal/pci"
 )
 
 // The worker goroutine runs Device.Process for the queues the driver
 // notified. The transport's mutex and busy flag make Process exclusive
 // with everything that changes the device underneath it (reset,
-// activation, state), and the halt counter, which every Queue's Pop
-// watches, makes a busy worker let go after the chain it holds.
+// activation, state, Bus Master Enable), and the halt counter, which
+// every Queue's Pop watches, makes a busy worker let go after the chain
+// it holds.
 
 func (t *Transport) run() {
 	defer close(t.exited)
@@ -32,7 +35,7 @@ func (t *Transport) run() {
 func (t *Transport) begin() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.closed || t.paused || !t.active || t.status&(StatusNeedsReset|StatusFailed) != 0 {
+	if t.closed || t.paused || !t.busMaster || !t.active || t.status&(StatusNeedsReset|StatusFailed) != 0 {
 		return false
 	}
 	t.busy = true
@@ -109,7 +112,8 @@ func (t *Transport) Pause() {
 
 // Resume undoes Pause. Every queue is then looked at, as if notified, so
 // that nothing made available while paused (or before a restore) waits for
-// the driver's next notification.
+// the driver's next notification. The transport follows Bus Master Enable
+// as configuration space holds it then (Bus.SetState may have changed it).
 func (t *Transport) Resume() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -117,6 +121,32 @@ func (t *Transport) Resume() {
 		return
 	}
 	t.paused = false
+	t.halt.Add(-1)
+	t.syncBusMasterLocked()
+	t.notifyAll()
+}
+
+// syncBusMasterLocked makes the transport follow the command register's
+// Bus Master Enable bit (PCI: no DMA, no MSI while it is clear). Cleared,
+// it waits for the worker to push the chain it holds, as Pause does, and
+// the worker then processes nothing: doorbells are kept, and interrupts
+// are left pending by MSI-X. Set, every queue is looked at, as on Resume:
+// that covers the doorbells rung meanwhile and the chains the worker let
+// go of (for which the driver, seeing avail_event, may not ring again).
+// Reset and status are unaffected.
+func (t *Transport) syncBusMasterLocked() {
+	on := t.cfg.Command()&pci.CommandBusMaster != 0
+	if on == t.busMaster {
+		return
+	}
+	t.busMaster = on
+	if !on {
+		t.halt.Add(1)
+		for t.busy {
+			t.idle.Wait()
+		}
+		return
+	}
 	t.halt.Add(-1)
 	t.notifyAll()
 }

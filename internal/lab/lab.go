@@ -67,14 +67,12 @@ const (
 // and SSE, which the emulator carries correctly (docs/lab.md).
 const DefaultCPU = "EPYC-v3,+svm,+npt,-xsave"
 
-// DefaultAccel is QEMU's accelerator for the hosts: TCG with one host
-// thread for all of a host's CPUs. With a thread per CPU (multi-threaded
-// TCG, QEMU's default), a nested guest's vCPU now and then resumed with the
-// emulated host's own state (its kernel RIP, CR3, GDT and IDT), in QEMU
-// 7.2 and 10.0 alike: 1 run in 4 of TestPingPong. One thread ran it 4 times
-// in 4 clean, and every test of the lab since (docs/lab.md, "One TCG
-// thread per host").
-const DefaultAccel = "tcg,thread=single"
+// DefaultAccel is QEMU's accelerator for the hosts: TCG. Lab hosts have
+// one CPU each (Config.CPUs, kvm-in-lab): with two, a nested guest's vCPU
+// now and then resumed with the emulated host's own state under
+// multi-threaded TCG, and a 2-vCPU Linux guest hung at boot under
+// thread=single (docs/lab.md, "Lab host shapes").
+const DefaultAccel = "tcg"
 
 // Config says what lab to start.
 type Config struct {

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/ferry-vmm/ferry/internal/kvm"
+	"github.com/ferry-vmm/ferry/internal/pci"
+	"github.com/ferry-vmm/ferry/internal/virtio"
 )
 
 // Hex is a number that renders as 0x-prefixed hexadecimal, in JSON too.
@@ -36,6 +38,7 @@ type Report struct {
 	PIT     PITReport     `json:"pit"`
 	Clock   ClockReport   `json:"clock"`
 	Devices DevicesReport `json:"devices"`
+	PCI     *PCIReport    `json:"pci,omitempty"` // nil: the machine has no PCI bus
 	Memory  *MemoryReport `json:"memory,omitempty"`
 }
 
@@ -451,6 +454,9 @@ func Describe(m *Machine) *Report {
 			FlagNames: bitNames(uint64(m.Clock.Flags), clockNames), Realtime: m.Clock.Realtime, HostTSC: m.Clock.HostTSC},
 		Devices: describeDevices(&m.Devices),
 	}
+	if m.PCI != nil {
+		r.PCI = describePCI(m.PCI)
+	}
 	for i := range m.PIC {
 		r.PIC[i] = describePIC(&m.PIC[i])
 	}
@@ -801,6 +807,177 @@ func describeDevices(d *Devices) DevicesReport {
 			v += " aux"
 		}
 		r.I8042.Output = append(r.I8042.Output, v)
+	}
+	return r
+}
+
+// PCIReport describes the PCI bus and its virtio functions.
+type PCIReport struct {
+	Conf1Address Hex             `json:"conf1_address"`
+	Slots        []PCISlotReport `json:"slots"`
+	Virtio       []VirtioReport  `json:"virtio"`
+}
+
+// PCISlotReport describes one function's configuration space header.
+type PCISlotReport struct {
+	Slot        int         `json:"slot"`
+	Name        string      `json:"name"`
+	VendorID    Hex         `json:"vendor_id"`
+	DeviceID    Hex         `json:"device_id"`
+	Class       Hex         `json:"class"` // base<<16 | subclass<<8 | prog-if
+	Command     Hex         `json:"command"`
+	CommandBits []string    `json:"command_bits"`
+	Status      Hex         `json:"status"`
+	BARs        []BARReport `json:"bars"` // the BARs with an address programmed
+}
+
+// BARReport is one programmed base address register.
+type BARReport struct {
+	Index        int    `json:"index"`
+	Kind         string `json:"kind"` // "mem32", "mem64", "io"
+	Prefetchable bool   `json:"prefetchable,omitempty"`
+	Address      Hex    `json:"address"`
+}
+
+// VirtioReport describes one virtio function's transport state.
+type VirtioReport struct {
+	Slot                int                 `json:"slot"`
+	Type                uint16              `json:"type"`
+	TypeName            string              `json:"type_name"`
+	Status              Hex                 `json:"status"`
+	StatusBits          []string            `json:"status_bits"`
+	OfferedFeatures     Hex                 `json:"offered_features"`
+	OfferedNames        []string            `json:"offered_names"`
+	DriverFeatures      Hex                 `json:"driver_features"`
+	DriverNames         []string            `json:"driver_names"`
+	DeviceFeatureSelect uint32              `json:"device_feature_select"`
+	DriverFeatureSelect uint32              `json:"driver_feature_select"`
+	QueueSelect         uint16              `json:"queue_select"`
+	MSIXConfig          Hex                 `json:"msix_config"` // 0xffff: no vector
+	ConfigGeneration    uint8               `json:"config_generation"`
+	ConfigChanged       bool                `json:"config_changed"`
+	ISR                 Hex                 `json:"isr"`
+	MSIXVectors         int                 `json:"msix_vectors"`
+	MSIXMasked          []int               `json:"msix_masked"`  // vectors whose mask bit is set
+	MSIXPending         []int               `json:"msix_pending"` // vectors with their pending bit set
+	DeviceStateBytes    int                 `json:"device_state_bytes"`
+	Queues              []VirtioQueueReport `json:"queues"`
+}
+
+// VirtioQueueReport is one virtqueue.
+type VirtioQueueReport struct {
+	Index          int    `json:"index"`
+	Size           uint16 `json:"size"`
+	Enabled        bool   `json:"enabled"`
+	Vector         Hex    `json:"vector"` // 0xffff: no vector
+	Desc           Hex    `json:"desc"`
+	Driver         Hex    `json:"driver"`
+	Device         Hex    `json:"device"`
+	NextAvail      uint16 `json:"next_avail"`
+	NextUsed       uint16 `json:"next_used"`
+	SignalledUsed  uint16 `json:"signalled_used"`
+	SignalledValid bool   `json:"signalled_valid"`
+}
+
+var (
+	pciCommandNames   = map[uint]string{0: "io", 1: "memory", 2: "bus_master", 6: "parity", 8: "serr", 10: "intx_disable"}
+	virtioStatusNames = map[uint]string{0: "ACKNOWLEDGE", 1: "DRIVER", 2: "DRIVER_OK", 3: "FEATURES_OK",
+		6: "DEVICE_NEEDS_RESET", 7: "FAILED"}
+	virtioFeatureNames = map[uint]string{28: "INDIRECT_DESC", 29: "EVENT_IDX", 32: "VERSION_1",
+		33: "ACCESS_PLATFORM", 34: "RING_PACKED", 35: "IN_ORDER", 36: "ORDER_PLATFORM", 37: "SR_IOV",
+		38: "NOTIFICATION_DATA", 39: "NOTIF_CONFIG_DATA", 40: "RING_RESET"}
+)
+
+// VirtioTypeName names a virtio device type.
+func VirtioTypeName(t uint16) string {
+	switch virtio.DeviceType(t) {
+	case virtio.TypeNet:
+		return "net"
+	case virtio.TypeBlock:
+		return "block"
+	case virtio.TypeEntropy:
+		return "entropy"
+	}
+	return fmt.Sprintf("type %d", t)
+}
+
+func describePCI(p *PCI) *PCIReport {
+	r := &PCIReport{Conf1Address: Hex(p.Bus.Conf1Address), Slots: []PCISlotReport{}, Virtio: []VirtioReport{}}
+	for _, s := range p.Bus.Slots {
+		r.Slots = append(r.Slots, describePCISlot(s))
+	}
+	for i := range p.Virtio {
+		r.Virtio = append(r.Virtio, describeVirtio(&p.Virtio[i]))
+	}
+	return r
+}
+
+func describePCISlot(s pci.SlotState) PCISlotReport {
+	r := PCISlotReport{Slot: s.Slot, Name: s.Name, CommandBits: []string{}, BARs: []BARReport{}}
+	c := s.Config.Data
+	if len(c) < pci.FirstCapability {
+		return r // not a valid state; the encoding refuses it
+	}
+	u16 := func(off int) uint16 { return binary.LittleEndian.Uint16(c[off:]) }
+	u32 := func(off int) uint32 { return binary.LittleEndian.Uint32(c[off:]) }
+	r.VendorID, r.DeviceID = Hex(u16(pci.RegVendorID)), Hex(u16(pci.RegDeviceID))
+	r.Class = Hex(u32(pci.RegRevision) >> 8)
+	r.Command, r.Status = Hex(u16(pci.RegCommand)), Hex(u16(pci.RegStatus))
+	r.CommandBits = bitNames(uint64(r.Command), pciCommandNames)
+	bars := pci.NumBARs
+	if c[pci.RegHeaderType]&0x7f == 1 {
+		bars = 2 // a bridge's header has two
+	}
+	for i := 0; i < bars; i++ {
+		raw := u32(pci.RegBAR0 + 4*i)
+		b := BARReport{Index: i}
+		switch {
+		case raw&1 != 0:
+			b.Kind, b.Address = "io", Hex(raw&^3)
+		case (raw>>1)&3 == 2 && i+1 < bars:
+			b.Kind, b.Address = "mem64", Hex(uint64(u32(pci.RegBAR0+4*(i+1)))<<32|uint64(raw&^0xf))
+			i++
+		default:
+			b.Kind, b.Address = "mem32", Hex(raw&^0xf)
+		}
+		b.Prefetchable = b.Kind != "io" && raw&8 != 0
+		if b.Address != 0 {
+			r.BARs = append(r.BARs, b)
+		}
+	}
+	return r
+}
+
+func describeVirtio(f *VirtioFunction) VirtioReport {
+	s := &f.State
+	r := VirtioReport{
+		Slot: f.Slot, Type: f.Type, TypeName: VirtioTypeName(f.Type),
+		Status: Hex(s.Status), StatusBits: bitNames(uint64(s.Status), virtioStatusNames),
+		OfferedFeatures: Hex(s.OfferedFeatures), OfferedNames: bitNames(s.OfferedFeatures, virtioFeatureNames),
+		DriverFeatures: Hex(s.DriverFeatures), DriverNames: bitNames(s.DriverFeatures, virtioFeatureNames),
+		DeviceFeatureSelect: s.DeviceFeatureSelect, DriverFeatureSelect: s.DriverFeatureSelect,
+		QueueSelect: s.QueueSelect, MSIXConfig: Hex(s.MSIXConfig), ConfigGeneration: s.ConfigGeneration,
+		ConfigChanged: s.ConfigChanged, ISR: Hex(s.ISR), MSIXVectors: len(s.MSIX.Table) / msixEntrySize,
+		MSIXMasked: []int{}, MSIXPending: []int{}, DeviceStateBytes: len(s.Device), Queues: []VirtioQueueReport{},
+	}
+	for v := 0; v < r.MSIXVectors; v++ {
+		if s.MSIX.Table[v*msixEntrySize+12]&1 != 0 {
+			r.MSIXMasked = append(r.MSIXMasked, v)
+		}
+	}
+	for i, b := range s.MSIX.PBA {
+		for bit := 0; bit < 8; bit++ {
+			if b&(1<<bit) != 0 {
+				r.MSIXPending = append(r.MSIXPending, i*8+bit)
+			}
+		}
+	}
+	for i, q := range s.Queues {
+		r.Queues = append(r.Queues, VirtioQueueReport{
+			Index: i, Size: q.Size, Enabled: q.Enabled, Vector: Hex(q.Vector),
+			Desc: Hex(q.Desc), Driver: Hex(q.Driver), Device: Hex(q.Device),
+			NextAvail: q.NextAvail, NextUsed: q.NextUsed, SignalledUsed: q.SignalledUsed, SignalledValid: q.SignalledValid,
+		})
 	}
 	return r
 }

@@ -12,6 +12,7 @@ import (
 	"unicode"
 
 	"github.com/ferry-vmm/ferry/internal/kvm"
+	"github.com/ferry-vmm/ferry/internal/pci"
 )
 
 // Difference is one field that differs between two machine states. Path
@@ -84,6 +85,7 @@ func Diff(a, b *Machine, volatile bool) []Difference {
 	d.value("clock", reflect.ValueOf(a.Clock), reflect.ValueOf(b.Clock))
 	d.cmosClockRuns = a.Devices.CMOS.RAM[0x0b]&0x80 == 0 && b.Devices.CMOS.RAM[0x0b]&0x80 == 0
 	d.value("devices", reflect.ValueOf(a.Devices), reflect.ValueOf(b.Devices))
+	d.pci(a.PCI, b.PCI)
 	return d.out
 }
 
@@ -444,4 +446,83 @@ func bytesString(b []byte) string {
 func sliceAt(s []byte, lo, hi int) []byte {
 	lo, hi = min(lo, len(s)), min(hi, len(s))
 	return s[lo:hi]
+}
+
+// pci compares the PCI states: slots and virtio functions keyed by slot
+// number ("pci.slot[3].config[0x10:0x20]", "pci.virtio[3].queues[0].next_avail").
+func (d *differ) pci(a, b *PCI) {
+	switch {
+	case a == nil && b == nil:
+		return
+	case a == nil:
+		d.add("pci", absent, "(present)")
+		return
+	case b == nil:
+		d.add("pci", "(present)", absent)
+		return
+	}
+	if a.Bus.Conf1Address != b.Bus.Conf1Address {
+		d.add("pci.conf1_address", hexString(uint64(a.Bus.Conf1Address)), hexString(uint64(b.Bus.Conf1Address)))
+	}
+	slotMap := func(ss []pci.SlotState) map[int]*pci.SlotState {
+		m := make(map[int]*pci.SlotState, len(ss))
+		for i := range ss {
+			m[ss[i].Slot] = &ss[i]
+		}
+		return m
+	}
+	as, bs := slotMap(a.Bus.Slots), slotMap(b.Bus.Slots)
+	for _, n := range unionKeys(as, bs) {
+		p := fmt.Sprintf("pci.slot[%d]", n)
+		sa, sb := as[n], bs[n]
+		switch {
+		case sa == nil:
+			d.add(p, absent, "(present)")
+		case sb == nil:
+			d.add(p, "(present)", absent)
+		default:
+			if sa.Name != sb.Name {
+				d.add(p+".name", strconv.Quote(sa.Name), strconv.Quote(sb.Name))
+			}
+			d.bytes(p+".config", sa.Config.Data, sb.Config.Data)
+		}
+	}
+	fnMap := func(fs []VirtioFunction) map[int]*VirtioFunction {
+		m := make(map[int]*VirtioFunction, len(fs))
+		for i := range fs {
+			m[fs[i].Slot] = &fs[i]
+		}
+		return m
+	}
+	af, bf := fnMap(a.Virtio), fnMap(b.Virtio)
+	for _, n := range unionKeys(af, bf) {
+		p := fmt.Sprintf("pci.virtio[%d]", n)
+		fa, fb := af[n], bf[n]
+		switch {
+		case fa == nil:
+			d.add(p, absent, "(present)")
+		case fb == nil:
+			d.add(p, "(present)", absent)
+		default:
+			if fa.Type != fb.Type {
+				d.add(p+".type", hexString(uint64(fa.Type)), hexString(uint64(fb.Type)))
+			}
+			d.value(p, reflect.ValueOf(fa.State), reflect.ValueOf(fb.State))
+		}
+	}
+}
+
+// unionKeys returns the keys of a and b, ascending.
+func unionKeys[V any](a, b map[int]V) []int {
+	keys := make([]int, 0, len(a)+len(b))
+	for k := range a {
+		keys = append(keys, k)
+	}
+	for k := range b {
+		if _, ok := a[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	return keys
 }

@@ -43,6 +43,18 @@ const (
 
 	// endPayloadSize is the length of the end section's payload.
 	endPayloadSize = 20
+
+	// MaxPCINameLength bounds a PCI slot's name.
+	MaxPCINameLength = 256
+	// MaxVirtioQueues bounds a virtio function's queue count.
+	MaxVirtioQueues = 1024
+	// MaxMSIXTableLength and MaxMSIXPBALength bound a virtio function's
+	// MSI-X table and pending-bit array: 2048 vectors (the most MSI-X can
+	// describe) of 16 bytes, and one bit per vector.
+	MaxMSIXTableLength = 2048 * 16
+	MaxMSIXPBALength   = 2048 / 8
+	// MaxVirtioDeviceLength bounds a virtio device's own saved state.
+	MaxVirtioDeviceLength = 64 << 10
 )
 
 // Section types.
@@ -52,6 +64,7 @@ const (
 	SectionPIT      uint16 = 0x0003
 	SectionClock    uint16 = 0x0004
 	SectionDevices  uint16 = 0x0005
+	SectionPCI      uint16 = 0x0006
 	SectionMemory   uint16 = 0x0010
 	SectionEnd      uint16 = 0xFFFF
 	sectionTestBase uint16 = 0x7000 // tests use types from here for unknown sections
@@ -111,6 +124,12 @@ const (
 	TagCMOS   uint16 = 0x0002
 	TagI8042  uint16 = 0x0003
 	TagPost   uint16 = 0x0004
+
+	// PCI section. Unlike the other sections' records, slot and virtio
+	// records repeat: one per slot, one per virtio function.
+	TagPCIBus    uint16 = 0x0001
+	TagPCISlot   uint16 = 0x0002
+	TagPCIVirtio uint16 = 0x0003
 )
 
 // Page record encodings inside a memory chunk.
@@ -145,6 +164,8 @@ func sectionTypeName(t uint16) string {
 		return "clock"
 	case SectionDevices:
 		return "devices"
+	case SectionPCI:
+		return "pci"
 	case SectionMemory:
 		return "memory chunk"
 	case SectionEnd:

@@ -14,9 +14,9 @@ import (
 	"github.com/ferry-vmm/ferry/internal/xbzrle"
 )
 
-// fuzzSeeds are small but complete encodings: every section type, memory
-// chunks uncompressed, zstd- and lz4-compressed, an unknown optional
-// section.
+// fuzzSeeds are small but complete encodings: every section type (the
+// PCI section included), memory chunks uncompressed, zstd- and
+// lz4-compressed, an unknown optional section.
 func fuzzSeeds(t testing.TB) [][]byte {
 	rng := rand.New(rand.NewPCG(41, 42))
 	m := randomMachine(rng, 1, 0)
@@ -50,6 +50,9 @@ func fuzzSeeds(t testing.TB) [][]byte {
 		}
 		seeds = append(seeds, buf.Bytes())
 	}
+	withPCI := *m
+	withPCI.PCI = testPCI()
+	seeds = append(seeds, encode(t, &withPCI, nil, WriterOptions{}))
 	return seeds
 }
 
@@ -136,6 +139,17 @@ func FuzzPayloads(f *testing.F) {
 				var d Devices
 				if _, err := decodeDevices(b, &d); err != nil || !reflect.DeepEqual(d, m.Devices) {
 					t.Fatalf("devices do not round-trip: %v", err)
+				}
+			}
+		case uint8(SectionPCI):
+			if p1, _, err := decodePCI(p); err == nil {
+				b, err := encodePCI(nil, p1)
+				if err != nil {
+					t.Fatalf("decoded PCI state does not encode: %v", err)
+				}
+				p2, _, err := decodePCI(b)
+				if err != nil || !reflect.DeepEqual(p1, p2) {
+					t.Fatalf("PCI state does not round-trip: %v", err)
 				}
 			}
 		case uint8(SectionMemory), 0x80, 0x81:

@@ -175,11 +175,13 @@ func sectionName(typ uint16, payload []byte) string {
 	return sectionTypeName(typ)
 }
 
-// presence tracks the sections a stream must contain exactly once.
+// presence tracks the sections a stream must contain exactly once (and
+// the optional ones it may contain at most once).
 type presence struct {
 	vcpus                        []bool
 	nvcpus                       int
 	irqchip, pit, clock, devices bool
+	pci                          bool // optional: at most once
 }
 
 // ReadAll reads every section up to and including the end section. The
@@ -310,7 +312,7 @@ func (r *Reader) section(m *Machine, page func(uint64, []byte) error, have *pres
 
 	known := true
 	switch typ {
-	case SectionVCPU, SectionIRQChip, SectionPIT, SectionClock, SectionDevices, SectionMemory, SectionEnd:
+	case SectionVCPU, SectionIRQChip, SectionPIT, SectionClock, SectionDevices, SectionPCI, SectionMemory, SectionEnd:
 	default:
 		known = false
 	}
@@ -393,6 +395,16 @@ func (r *Reader) section(m *Machine, page func(uint64, []byte) error, have *pres
 		if err != nil {
 			return false, fail("%v", err)
 		}
+		warnTags(ws)
+	case SectionPCI:
+		if err := dup(&have.pci); err != nil {
+			return false, err
+		}
+		p, ws, err := decodePCI(payload)
+		if err != nil {
+			return false, fail("%v", err)
+		}
+		m.PCI = p
 		warnTags(ws)
 	case SectionMemory:
 		if r.content != nil {

@@ -12,7 +12,8 @@
 // file header (magic, format version, architecture, CPU feature
 // fingerprint, memory layout) protected by a CRC32C, then a sequence of
 // typed, length-prefixed, CRC32C-protected sections (one per vCPU, the
-// interrupt controllers, the PIT, the kvmclock, the devices, and a stream
+// interrupt controllers, the PIT, the kvmclock, the devices, the PCI bus
+// and its virtio functions when the machine has them, and a stream
 // of memory chunks), closed by an end section that counts the sections and
 // checksums their checksums so that truncation at a section boundary is
 // detected. Decoding never panics and never allocates more than a
@@ -28,6 +29,8 @@ import (
 	"github.com/ferry-vmm/ferry/internal/devices"
 	"github.com/ferry-vmm/ferry/internal/guestmem"
 	"github.com/ferry-vmm/ferry/internal/kvm"
+	"github.com/ferry-vmm/ferry/internal/pci"
+	"github.com/ferry-vmm/ferry/internal/virtio"
 )
 
 // FormatVersion is the version of the encoding this package writes and the
@@ -59,6 +62,7 @@ type Machine struct {
 	PIT     kvm.PITState2
 	Clock   kvm.ClockData
 	Devices Devices
+	PCI     *PCI // the PCI bus and its functions; nil: the machine has none (then no section is written)
 }
 
 // Header describes the machine a state belongs to. It is written first so
@@ -105,6 +109,19 @@ type Devices struct {
 	CMOS   devices.CMOSState
 	I8042  devices.I8042State
 	Post   devices.PostState
+}
+
+// PCI is the PCI bus's state.
+type PCI struct {
+	Bus    pci.BusState     // every function's configuration space (host bridge included) and the conf1 address register
+	Virtio []VirtioFunction // the virtio functions on the bus, in slot order
+}
+
+// VirtioFunction is one virtio-over-PCI function.
+type VirtioFunction struct {
+	Slot  int          // its slot on bus 0 (1..31)
+	Type  uint16       // virtio device type (virtio.DeviceType: 4 = entropy, 1 = net, 2 = block)
+	State virtio.State // the transport's and device's state
 }
 
 // cpuidEntrySize is the encoded size of one CPUID entry: function, index,

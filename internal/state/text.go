@@ -8,7 +8,7 @@ import (
 )
 
 // WriteText renders the report for people: one block per vCPU, then the
-// interrupt controllers, timers, devices and memory.
+// interrupt controllers, timers, devices, the PCI bus and memory.
 func (r *Report) WriteText(w io.Writer) error {
 	b := bufio.NewWriter(w)
 	p := func(format string, args ...any) { fmt.Fprintf(b, format, args...) }
@@ -77,6 +77,10 @@ func (r *Report) WriteText(w io.Writer) error {
 		p("  output queue: %s\n", strings.Join(k.Output, ", "))
 	}
 	p("post: last %s, %d writes\n", d.Post.Last, d.Post.Writes)
+
+	if r.PCI != nil {
+		writePCI(p, r.PCI)
+	}
 
 	if r.Memory != nil {
 		p("\nmemory: %s, %d non-zero pages, sha256 %s\n", sizeString(r.Memory.Size), r.Memory.NonZeroPages, r.Memory.SHA256)
@@ -212,4 +216,59 @@ func sizeString(n uint64) string {
 		return fmt.Sprintf("%d KiB", n>>10)
 	}
 	return fmt.Sprintf("%d bytes", n)
+}
+
+func writePCI(p func(string, ...any), r *PCIReport) {
+	p("\npci: conf1 address %s, %d slots, %d virtio functions\n", r.Conf1Address, len(r.Slots), len(r.Virtio))
+	for _, s := range r.Slots {
+		p("  slot %d %q: %04x:%04x class %06x command %s%s status %s\n", s.Slot, s.Name,
+			uint64(s.VendorID), uint64(s.DeviceID), uint64(s.Class), s.Command, bracket(s.CommandBits), s.Status)
+		for _, b := range s.BARs {
+			pf := ""
+			if b.Prefetchable {
+				pf = " prefetchable"
+			}
+			p("    bar %d: %s at %s%s\n", b.Index, b.Kind, b.Address, pf)
+		}
+	}
+	for _, v := range r.Virtio {
+		p("  virtio at slot %d: %s, status %s%s\n", v.Slot, v.TypeName, v.Status, bracket(v.StatusBits))
+		p("    features offered %s%s\n", v.OfferedFeatures, bracket(v.OfferedNames))
+		p("    features accepted %s%s\n", v.DriverFeatures, bracket(v.DriverNames))
+		p("    feature select device %d driver %d, queue select %d, config generation %d (changed %v), isr %s\n",
+			v.DeviceFeatureSelect, v.DriverFeatureSelect, v.QueueSelect, v.ConfigGeneration, v.ConfigChanged, v.ISR)
+		p("    msi-x: %d vectors, config vector %s, masked %s, pending %s; device state %d bytes\n",
+			v.MSIXVectors, vectorName(v.MSIXConfig), intList(v.MSIXMasked), intList(v.MSIXPending), v.DeviceStateBytes)
+		for _, q := range v.Queues {
+			en := "disabled"
+			if q.Enabled {
+				en = "enabled"
+			}
+			sig := ""
+			if q.SignalledValid {
+				sig = fmt.Sprintf(" signalled %d", q.SignalledUsed)
+			}
+			p("    queue %d: size %d %s vector %s desc %s driver %s device %s next avail %d used %d%s\n",
+				q.Index, q.Size, en, vectorName(q.Vector), q.Desc, q.Driver, q.Device, q.NextAvail, q.NextUsed, sig)
+		}
+	}
+}
+
+// vectorName renders an MSI-X vector number, 0xffff as "none".
+func vectorName(v Hex) string {
+	if v == 0xffff {
+		return "none"
+	}
+	return fmt.Sprint(uint64(v))
+}
+
+func intList(v []int) string {
+	if len(v) == 0 {
+		return "none"
+	}
+	s := make([]string, len(v))
+	for i, x := range v {
+		s[i] = fmt.Sprint(x)
+	}
+	return strings.Join(s, " ")
 }

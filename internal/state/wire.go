@@ -47,7 +47,8 @@ func DecodeHeader(b []byte) (Header, error) {
 
 // EncodeMachine returns the non-memory sections of m, concatenated, exactly
 // as Writer.WriteMachine writes them: one vCPU section per vCPU (in the
-// order of m.VCPUs), the irqchip, the PIT, the clock and the devices.
+// order of m.VCPUs), the irqchip, the PIT, the clock, the devices and, when
+// m.PCI is not nil, the PCI section.
 // m.Header is not encoded (send it with EncodeHeader), but it must be a
 // valid header and m must match it as WriteMachine requires: one vCPU per
 // header CPU with ids 0..CPUs-1, and vCPU 0's CPUID table has the header's

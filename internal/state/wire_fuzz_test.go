@@ -37,6 +37,12 @@ func FuzzDecodeMachine(f *testing.F) {
 	opt, _, _ := sealSection(sectionTestBase, 0, append(newSection(3), 1, 2, 3))
 	f.Add(append(bytes.Clone(b), opt...))
 	f.Add(spans[0])
+	m.PCI = testPCI()
+	withPCI, err := EncodeMachine(m)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(withPCI)
 	h := m.Header
 	f.Fuzz(func(t *testing.T, data []byte) {
 		for _, skip := range []bool{false, true} {

@@ -219,7 +219,8 @@ func (w *Writer) emit(typ, flags uint16, sec []byte) (int, error) {
 }
 
 // WriteMachine writes every non-memory section: one per vCPU (in the order
-// of m.VCPUs), the irqchip, the PIT, the clock and the devices. m.Header is
+// of m.VCPUs), the irqchip, the PIT, the clock, the devices and, when
+// m.PCI is not nil, the PCI bus and its virtio functions. m.Header is
 // not written (the header given to NewWriter was); m must match it: one
 // vCPU per header CPU with ids 0..CPUs-1, and vCPU 0's CPUID table must
 // have the header's fingerprint. It may be called once.
@@ -263,8 +264,9 @@ func checkMachine(h *Header, m *Machine) error {
 
 // machineSections encodes every non-memory section of m, in the order a
 // save file has them (the vCPUs in the order of m.VCPUs, the irqchip, the
-// PIT, the clock, the devices), and hands each to emit as a buffer with
-// room for the section header followed by the payload (see sealSection).
+// PIT, the clock, the devices, and the PCI bus when m has one), and hands
+// each to emit as a buffer with room for the section header followed by
+// the payload (see sealSection).
 func machineSections(m *Machine, emit func(typ uint16, sec []byte) error) error {
 	for i := range m.VCPUs {
 		sec, err := encodeVCPU(newSection(16<<10), &m.VCPUs[i])
@@ -288,7 +290,16 @@ func machineSections(m *Machine, emit func(typ uint16, sec []byte) error) error 
 	if err != nil {
 		return fmt.Errorf("state: %v", err)
 	}
-	return emit(SectionDevices, sec)
+	if err := emit(SectionDevices, sec); err != nil {
+		return err
+	}
+	if m.PCI == nil {
+		return nil
+	}
+	if sec, err = encodePCI(newSection(8<<10), m.PCI); err != nil {
+		return fmt.Errorf("state: %v", err)
+	}
+	return emit(SectionPCI, sec)
 }
 
 // addPage adds one page record to the current chunk, flushing the chunk

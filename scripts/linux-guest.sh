@@ -275,6 +275,38 @@ while read -r k v _; do
 done </proc/meminfo
 echo "ferry-linux: mem_kb=$mem"
 
+# The kernel's own virtio modules (Debian's cloud kernel builds them as
+# modules), dependencies first; then what the PCI bus holds.
+n=0
+while read -r m; do
+	insmod "/lib/modules/$m" 2>/dev/null && n=$((n + 1)) || echo "ferry-linux: warning: insmod $m failed"
+done </etc/ferry-modules
+echo "ferry-linux: modules loaded=$n"
+for d in /sys/bus/pci/devices/*; do
+	[ -e "$d/vendor" ] || continue
+	drv=none
+	[ -e "$d/driver" ] && drv=$(basename "$(readlink "$d/driver")")
+	echo "ferry-linux: pci ${d##*/} $(cat "$d/vendor"):$(cat "$d/device") class=$(cat "$d/class") driver=$drv"
+done
+if read -r rng 2>/dev/null </sys/class/misc/hw_random/rng_current && [ "$rng" != none ]; then
+	echo "ferry-linux: hwrng=$rng read=$(head -c 4096 /dev/hwrng | wc -c)"
+	# ferry.hwrng_rounds=N reads the device N times more, a second apart,
+	# so that a test can save, restore or move the guest while it is in use.
+	rounds=0
+	read -r cmdline </proc/cmdline
+	for a in $cmdline; do
+		case $a in
+		ferry.hwrng_rounds=*) rounds=${a#ferry.hwrng_rounds=} ;;
+		esac
+	done
+	i=1
+	while [ "$i" -le "$rounds" ]; do
+		sleep 1
+		echo "ferry-linux: hwrng round=$i read=$(head -c 4096 /dev/hwrng | wc -c)"
+		i=$((i + 1))
+	done
+fi
+
 # ferry.check=ARGS on the kernel command line runs the checker, ARGS being
 # its arguments separated by commas (ferry.check=size=16M,exit_after=60s
 # runs "ferry-check size=16M exit_after=60s"); a bare ferry.check runs it
@@ -307,15 +339,39 @@ EOF
 
 applets="sh ash cat echo printf ls mkdir mknod ln rm cp mv mount umount
 	uname nproc free dmesg grep sed awk head tail wc ps sleep sync
-	true false test [ reboot poweroff halt"
+	true false test [ reboot poweroff halt insmod readlink basename"
+
+# Guest kernel modules for ferry's devices, with their dependencies from
+# each module's own modinfo (the .deb has no modules.dep).
+guest_modules="virtio_pci virtio_rng virtio_net virtio_blk"
 
 build_checker
-key="deb=$(basename "$busybox_deb") tool=$(hash_of "$repo/scripts/mkinitramfs/main.go") script=$(hash_of "$self") check=$(hash_of "$cache/bin/ferry-check")"
+key="deb=$(basename "$busybox_deb") kernel=$(basename "$kernel_deb") tool=$(hash_of "$repo/scripts/mkinitramfs/main.go") script=$(hash_of "$self") check=$(hash_of "$cache/bin/ferry-check")"
 if ! up_to_date initrd "$key" "$out/initrd.cpio.gz"; then
 	newtmp
 	d=$tmp
 	dpkg-deb --fsys-tarfile "$busybox_deb" | tar -x -C "$d" ./bin/busybox ||
 		die "cannot extract /bin/busybox from $busybox_deb"
+	dpkg-deb --fsys-tarfile "$kernel_deb" | tar -x -C "$d" ./lib/modules ||
+		die "cannot extract /lib/modules from $kernel_deb"
+	mdir=$d/lib/modules/$kernel_release
+	declare -A path_of=() done_mod=()
+	while IFS= read -r f; do
+		m=$(basename "$f" .ko)
+		path_of[${m//-/_}]=${f#"$mdir"/}
+	done < <(find "$mdir" -name '*.ko')
+	order=()
+	load_module() { # depth first: a module's dependencies come before it
+		local m=${1//-/_} deps dep
+		[ -z "${done_mod[$m]:-}" ] || return 0
+		done_mod[$m]=1
+		[ -n "${path_of[$m]:-}" ] || die "module $m not in $(basename "$kernel_deb")"
+		deps=$(tr '\0' '\n' <"$mdir/${path_of[$m]}" | sed -n 's/^depends=//p' | tr ',' ' ')
+		for dep in $deps; do load_module "$dep"; done
+		order+=("${path_of[$m]}")
+	}
+	for m in $guest_modules; do load_module "$m"; done
+	printf '%s\n' "${order[@]}" >"$d/ferry-modules"
 	cp "$cache/bin/ferry-check" "$d/bin/ferry-check" || die "cannot copy ferry-check"
 	printf '%s\n' "$init_script" >"$d/init"
 	{
@@ -331,6 +387,22 @@ if ! up_to_date initrd "$key" "$out/initrd.cpio.gz"; then
 		echo "file /bin/ferry-check bin/ferry-check 0755 0 0"
 		for a in $applets; do
 			echo "slink /bin/$a busybox 0777 0 0"
+		done
+		echo "dir /etc 0755 0 0"
+		echo "file /etc/ferry-modules ferry-modules 0644 0 0"
+		echo "dir /lib 0755 0 0"
+		echo "dir /lib/modules 0755 0 0"
+		declare -A seen_dir=()
+		for p in "${order[@]}"; do
+			dir=
+			IFS=/ read -r -a parts <<<"${p%/*}"
+			for part in "${parts[@]}"; do
+				dir+=/$part
+				[ -z "${seen_dir[$dir]:-}" ] || continue
+				seen_dir[$dir]=1
+				echo "dir /lib/modules$dir 0755 0 0"
+			done
+			echo "file /lib/modules/$p lib/modules/$kernel_release/$p 0644 0 0"
 		done
 		echo "file /init init 0755 0 0"
 	} >"$d/spec"

@@ -79,7 +79,7 @@ func runDetached(cmd *cobra.Command, f runFlags) error {
 	if f.name == "" {
 		return errors.New("--detach needs --name")
 	}
-	req := daemon.Request{Op: "run", Name: f.name, Guest: f.guest, Cmdline: f.cmdline, Mem: f.mem, CPUs: f.cpus}
+	req := daemon.Request{Op: "run", Name: f.name, Guest: f.guest, Cmdline: f.cmdline, Mem: f.mem, CPUs: f.cpus, RNG: f.rng}
 	var err error
 	if f.kernel != "" {
 		if req.Kernel, err = filepath.Abs(f.kernel); err != nil {

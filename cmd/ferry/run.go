@@ -29,6 +29,7 @@ type runFlags struct {
 	name    string
 	verbose bool
 	detach  bool
+	rng     bool
 }
 
 func newRunCmd() *cobra.Command {
@@ -48,6 +49,7 @@ func newRunCmd() *cobra.Command {
 	fl.StringVar(&f.cmdline, "cmdline", "", "kernel command line (for the test guest: its workload options)")
 	fl.StringVar(&f.mem, "mem", "512M", "guest memory (K, M, G suffixes; multiple of 2 MiB)")
 	fl.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
+	fl.BoolVar(&f.rng, "rng", false, "give the guest a virtio entropy device (virtio-rng over PCI; Linux loads virtio_pci and virtio_rng for it)")
 	fl.StringVar(&f.name, "name", "", "VM name for `ferry save --vm NAME` and friends (default vm-PID)")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log VMM events to stderr")
 	fl.BoolVarP(&f.detach, "detach", "d", false, "run under the host daemon instead of in the foreground (needs --name)")
@@ -88,7 +90,7 @@ func buildVM(f runFlags, console io.Writer, logger *slog.Logger) (*vmm.VM, error
 		}
 	}
 	return vmm.New(vmm.Config{
-		MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: f.cmdline,
+		MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: f.cmdline, RNG: f.rng,
 		Console: console, Logger: logger,
 	})
 }

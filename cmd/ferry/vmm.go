@@ -109,6 +109,7 @@ func newVMMCmd() *cobra.Command {
 	fl.StringVar(&f.cmdline, "cmdline", "", "kernel command line")
 	fl.StringVar(&f.mem, "mem", "512M", "memory")
 	fl.IntVar(&f.cpus, "cpus", 1, "vCPUs")
+	fl.BoolVar(&f.rng, "rng", false, "a virtio entropy device")
 	fl.StringVar(&dataDir, "data-dir", "", "the daemon's data directory (identity, trust pool)")
 	fl.StringVar(&controlSock, "control", "", "control socket path")
 	fl.StringVar(&consoleLog, "console-log", "", "file the serial console is appended to")

@@ -33,6 +33,7 @@ type Request struct {
 	Cmdline string `json:"cmdline,omitempty"`
 	Mem     string `json:"mem,omitempty"`
 	CPUs    int    `json:"cpus,omitempty"`
+	RNG     bool   `json:"rng,omitempty"` // a virtio entropy device
 	// Migration: the destination daemon and the settings (set uses
 	// Bandwidth alone).
 	To string `json:"to,omitempty"`

@@ -397,6 +397,9 @@ func readReady(p *vmProc, out *os.File) (string, error) {
 
 func (d *Daemon) run(req Request) Response {
 	extra := []string{"--mem", req.Mem, "--cpus", fmt.Sprint(req.CPUs), "--cmdline", req.Cmdline}
+	if req.RNG {
+		extra = append(extra, "--rng")
+	}
 	switch {
 	case req.Guest != "":
 		extra = append(extra, "--guest", req.Guest)

@@ -128,6 +128,17 @@ func (m *Memory) Slice(gpa, n uint64) ([]byte, error) {
 	return nil, fmt.Errorf("%w: [%#x, %#x)", ErrOutOfRange, gpa, gpa+n)
 }
 
+// Offset is the memfd offset of guest-physical address gpa (the index
+// into Bytes), or false if gpa is not RAM.
+func (m *Memory) Offset(gpa uint64) (uint64, bool) {
+	for _, r := range m.regions {
+		if gpa >= r.GPA && gpa-r.GPA < r.Size {
+			return r.Offset + (gpa - r.GPA), true
+		}
+	}
+	return 0, false
+}
+
 // Write copies b into guest memory at gpa.
 func (m *Memory) Write(gpa uint64, b []byte) error {
 	dst, err := m.Slice(gpa, uint64(len(b)))

@@ -81,6 +81,8 @@ type pcDest struct {
 	bytesPrev  uint64 // bytes received on links closed before
 	faultsDone chan struct{}
 	final      *wire.PostcopyDone // what was sent at the end (re-sent to a source that re-attaches)
+	gateWait   int                // devices waiting in ensure
+	gateCh     chan struct{}      // closed (and replaced) when a page arrives while gateWait > 0
 }
 
 type attachment struct {
@@ -103,6 +105,7 @@ func newPCDest(d *Destination, vm *vmm.VM) (*pcDest, error) {
 		need:  d.need, placing: make([]uint64, len(d.need)), left: countSet(d.need), needed: countSet(d.need),
 		waiting: map[uint64][]time.Time{},
 		linkCh:  make(chan attachment, 4), resident: make(chan struct{}), faultsDone: make(chan struct{}),
+		gateCh: make(chan struct{}),
 	}
 	if err := fd.Register(p.base, p.size); err != nil {
 		fd.Close()
@@ -123,6 +126,7 @@ func newPCDest(d *Destination, vm *vmm.VM) (*pcDest, error) {
 	p.req, d.reqLink = d.reqLink, nil
 	d.mu.Unlock()
 	go p.handleFaults()
+	vm.SetMemoryGate(p.ensure) // devices must not fault on missing pages
 	return p, nil
 }
 
@@ -138,6 +142,7 @@ func (p *pcDest) resumed(t time.Time) {
 // close releases userfaultfd. Only when the guest has everything or will
 // never run again: closing lets faulting vCPUs read holes as zeros.
 func (p *pcDest) close() {
+	p.vm.SetMemoryGate(nil)
 	p.fd.Close()
 	<-p.faultsDone
 	p.mu.Lock()
@@ -258,6 +263,10 @@ func (p *pcDest) place(m *wire.Pages) error {
 			p.latencies = append(p.latencies, now.Sub(t))
 		}
 		delete(p.waiting, idx)
+		if p.gateWait > 0 {
+			close(p.gateCh)
+			p.gateCh = make(chan struct{})
+		}
 		if p.left == 0 {
 			p.residentAt = now
 			close(p.resident)
@@ -331,6 +340,7 @@ func (p *pcDest) run(main *link) error {
 // the guest's end was a failure.
 func (p *pcDest) ended(end wire.PostcopyEnd) error {
 	if end == wire.EndResident {
+		p.vm.SetMemoryGate(nil)
 		if err := p.fd.Unregister(p.base, p.size); err != nil {
 			p.d.Log.Warn("unregistering guest RAM from userfaultfd", "err", err)
 		}
@@ -619,4 +629,80 @@ func (p *pcDest) bytesReceived() uint64 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.bytesPrev
+}
+
+// ensure returns once guest RAM [gpa, gpa+n) is resident: a device of the
+// VMM is about to read or write it (vmm.VM.SetMemoryGate). Devices run on
+// goroutines, and a goroutine blocked in a userfaultfd fault keeps its
+// scheduler slot: with as few slots as CPUs, the fault handler could wait
+// forever behind it. So pages still at the source are requested like a
+// fault's and waited for here, on a channel; missing pages that are not
+// at the source get their zero page placed now.
+func (p *pcDest) ensure(gpa, n uint64) error {
+	if n == 0 {
+		return nil
+	}
+	first, last := gpa/guestmem.PageSize, (gpa+n-1)/guestmem.PageSize
+	if last < first || last-first >= 1<<20 {
+		return fmt.Errorf("post-copy: device access of %d bytes at %#x", n, gpa)
+	}
+	for {
+		missing, ch, err := p.askMissing(first, last)
+		if err != nil || missing == 0 {
+			return err
+		}
+		select {
+		case <-ch:
+		case <-p.resident:
+		case <-p.vm.Done():
+			p.mu.Lock()
+			p.gateWait--
+			p.mu.Unlock()
+			return errors.New("post-copy: the guest stopped while a device waited for its memory")
+		}
+		p.mu.Lock()
+		p.gateWait--
+		p.mu.Unlock()
+	}
+}
+
+// askMissing requests the pages of [first, last] still at the source and
+// places zero pages for the others that are not present. With pages to
+// wait for it returns their count and the channel to wait on (gateWait
+// counted).
+func (p *pcDest) askMissing(first, last uint64) (int, chan struct{}, error) {
+	var ask []uint64
+	var missing int
+	p.mu.Lock()
+	for pfn := first; pfn <= last; pfn++ {
+		idx, ok := p.pages.index(pfn)
+		if !ok {
+			p.mu.Unlock()
+			return 0, nil, fmt.Errorf("post-copy: device access to %#x, which is not guest RAM", pfn*guestmem.PageSize)
+		}
+		if !hasBit(p.need, idx) {
+			err := p.fd.ZeroPage(p.base+uintptr(idx*guestmem.PageSize), guestmem.PageSize, true)
+			if err != nil && !errors.Is(err, uffd.ErrExists) {
+				p.mu.Unlock()
+				return 0, nil, fmt.Errorf("post-copy: placing a zero page at %#x for a device: %w", pfn*guestmem.PageSize, err)
+			}
+			continue
+		}
+		missing++
+		if _, asked := p.waiting[idx]; !asked {
+			p.waiting[idx] = nil // asked, with no vCPU fault to time
+			ask = append(ask, pfn*guestmem.PageSize)
+		}
+	}
+	if missing == 0 {
+		p.mu.Unlock()
+		return 0, nil, nil
+	}
+	p.gateWait++
+	ch, req := p.gateCh, p.req
+	p.mu.Unlock()
+	if len(ask) > 0 && req != nil {
+		p.request(req, ask)
+	}
+	return missing, ch, nil
 }

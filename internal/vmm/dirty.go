@@ -33,12 +33,14 @@ func (v *VM) setDirtyLog(on bool) error {
 	if err := v.registerRAM(flags); err != nil {
 		return fmt.Errorf("dirty logging: %w", err)
 	}
+	v.devMem.logging.Store(on)
 	return nil
 }
 
 // FetchDirty ORs the pages written since the last fetch (or since
-// StartDirtyLog) into bitmap, which must have DirtyBitmapWords words, and
-// resets KVM's log. It returns how many pages were dirty.
+// StartDirtyLog), by vCPUs or by the VMM's devices, into bitmap, which
+// must have DirtyBitmapWords words, and resets KVM's log. It returns how
+// many pages were dirty.
 func (v *VM) FetchDirty(bitmap []uint64) (int, error) {
 	if len(bitmap) < v.DirtyBitmapWords() {
 		return 0, fmt.Errorf("dirty bitmap of %d words, need %d", len(bitmap), v.DirtyBitmapWords())
@@ -57,5 +59,7 @@ func (v *VM) FetchDirty(bitmap []uint64) (int, error) {
 			count += bits.OnesCount64(bitsSet)
 		}
 	}
+	// What the VMM's devices wrote (devmem.go), beyond what KVM saw.
+	count += v.devMem.fetch(bitmap)
 	return count, nil
 }

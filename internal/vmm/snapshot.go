@@ -43,6 +43,9 @@ func (v *VM) Capture() (*state.Machine, error) {
 		I8042:  v.I8042.State(),
 		Post:   v.POST.State(),
 	}
+	if err := v.capturePCI(m); err != nil {
+		return nil, fmt.Errorf("capture: %w", err)
+	}
 	return m, nil
 }
 
@@ -377,6 +380,9 @@ func (v *VM) restoreDevices(m *state.Machine) error {
 	}
 	if err := v.POST.SetState(m.Devices.Post); err != nil {
 		return fmt.Errorf("post: %w", err)
+	}
+	if err := v.restorePCI(m); err != nil {
+		return fmt.Errorf("PCI: %w", err)
 	}
 	return nil
 }

@@ -52,6 +52,9 @@ type Config struct {
 	Cmdline string
 	Console io.Writer // serial output; nil discards
 	Logger  *slog.Logger
+	// RNG adds a virtio entropy device (virtio-rng over PCI), so that a
+	// Linux guest has entropy at boot; it brings the PCI bus with it.
+	RNG bool
 
 	forRestore bool // set by NewForRestore: no kernel, state applied later
 }
@@ -98,6 +101,9 @@ type VM struct {
 	kvm  *kvm.VM
 	mem  *guestmem.Memory
 	cpus []*vcpu
+
+	devMem *devMemory  // guest RAM as devices see it (devmem.go)
+	pci    *pciDevices // the PCI bus and its functions; nil: none (pcidev.go)
 
 	hostCPUID  []kvm.CPUIDEntry // vCPU 0's effective CPUID on this host
 	hostTSCKHz uint32           // the TSC frequency KVM gave vCPU 0 at creation (0: unknown)
@@ -163,6 +169,7 @@ func (v *VM) build() error {
 	if v.mem, err = guestmem.New(v.cfg.MemSize); err != nil {
 		return err
 	}
+	v.devMem = newDevMemory(v.mem)
 	if err := v.setupPlatform(); err != nil {
 		return err
 	}
@@ -170,9 +177,14 @@ func (v *VM) build() error {
 		// Memory and registers come from a saved state; nothing to load.
 		return v.createVCPUs(nil)
 	}
-	entry, err := boot.Load(v.mem, boot.Options{
-		Kernel: v.cfg.Kernel, Initrd: v.cfg.Initrd, Cmdline: v.cfg.Cmdline, CPUs: v.cfg.CPUs,
-	})
+	opts := boot.Options{Kernel: v.cfg.Kernel, Initrd: v.cfg.Initrd, Cmdline: v.cfg.Cmdline, CPUs: v.cfg.CPUs}
+	if v.cfg.wantsPCI() {
+		if err := v.setupPCI(); err != nil {
+			return fmt.Errorf("PCI devices: %w", err)
+		}
+		opts.PCI = bootPCI(pciLayout())
+	}
+	entry, err := boot.Load(v.mem, opts)
 	if err != nil {
 		return fmt.Errorf("loading kernel: %w", err)
 	}
@@ -333,6 +345,7 @@ func (v *VM) Start() error {
 		return errors.New("VM already started")
 	}
 	installKickHandler()
+	v.resumeDevices() // restored devices wait paused for their VM to start
 	v.started = true
 	v.running = len(v.cpus)
 	ready := make(chan struct{}, len(v.cpus))
@@ -430,6 +443,7 @@ func (v *VM) Pause() error {
 	if v.stopping {
 		return errors.New("pause: VM stopped" + v.endedLocked())
 	}
+	v.pauseDevices() // no vCPU rings a doorbell now; finish the chains in hand
 	return nil
 }
 
@@ -448,6 +462,7 @@ func (v *VM) endedLocked() string {
 
 // Resume lets paused vCPUs run again.
 func (v *VM) Resume() {
+	v.resumeDevices()
 	v.mu.Lock()
 	v.pauseReq = false
 	v.cond.Broadcast()
@@ -485,6 +500,7 @@ func (v *VM) Close() error {
 		v.cond.Wait()
 	}
 	v.mu.Unlock()
+	v.closeDevices()
 	var errs []error
 	for _, c := range v.cpus {
 		errs = append(errs, c.kvm.Close())

@@ -291,20 +291,29 @@ done
 if read -r rng 2>/dev/null </sys/class/misc/hw_random/rng_current && [ "$rng" != none ]; then
 	echo "ferry-linux: hwrng=$rng read=$(head -c 4096 /dev/hwrng | wc -c)"
 	# ferry.hwrng_rounds=N reads the device N times more, a second apart,
-	# so that a test can save, restore or move the guest while it is in use.
-	rounds=0
+	# so that a test can save, restore or move the guest while it is in
+	# use: in the background when the checker runs too (ferry.check).
+	rounds=0 bg=no
 	read -r cmdline </proc/cmdline
 	for a in $cmdline; do
 		case $a in
 		ferry.hwrng_rounds=*) rounds=${a#ferry.hwrng_rounds=} ;;
+		ferry.check | ferry.check=*) bg=yes ;;
 		esac
 	done
-	i=1
-	while [ "$i" -le "$rounds" ]; do
-		sleep 1
-		echo "ferry-linux: hwrng round=$i read=$(head -c 4096 /dev/hwrng | wc -c)"
-		i=$((i + 1))
-	done
+	hwrng_rounds() {
+		i=1
+		while [ "$i" -le "$rounds" ]; do
+			sleep 1
+			echo "ferry-linux: hwrng round=$i read=$(head -c 4096 /dev/hwrng | wc -c)"
+			i=$((i + 1))
+		done
+	}
+	if [ "$bg" = yes ]; then
+		hwrng_rounds &
+	else
+		hwrng_rounds
+	fi
 fi
 
 # ferry.check=ARGS on the kernel command line runs the checker, ARGS being

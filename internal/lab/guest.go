@@ -22,6 +22,11 @@ type LinuxSpec struct {
 	Check string
 	// Cmdline is added to the kernel command line.
 	Cmdline string
+	// RNG gives the guest virtio-rng (ferry run --rng); with HWRNGRounds
+	// its init reads 4096 bytes from it every second that many times,
+	// beside the checker ("ferry-linux: hwrng round=N read=4096").
+	RNG         bool
+	HWRNGRounds int
 }
 
 // Cmdline is the guest kernel's command line for s.
@@ -36,6 +41,9 @@ func (s LinuxSpec) cmdline() string {
 	if s.Check != "" {
 		parts = append(parts, "ferry.check="+strings.Join(strings.Fields(s.Check), ","))
 	}
+	if s.HWRNGRounds > 0 {
+		parts = append(parts, "ferry.hwrng_rounds="+strconv.Itoa(s.HWRNGRounds))
+	}
 	if s.Cmdline != "" {
 		parts = append(parts, s.Cmdline)
 	}
@@ -44,11 +52,28 @@ func (s LinuxSpec) cmdline() string {
 
 // RunLinux starts a Linux guest under h's daemon.
 func (h *Host) RunLinux(ctx context.Context, s LinuxSpec) error {
-	_, err := h.Ferry(ctx, "run", "--detach", "--name", s.Name,
+	args := []string{"run", "--detach", "--name", s.Name,
 		"--kernel", HostLinux, "--initrd", HostInitrd,
-		"--mem", strconv.Itoa(s.MemMB)+"M", "--cpus", strconv.Itoa(s.CPUs),
-		"--cmdline", s.cmdline())
+		"--mem", strconv.Itoa(s.MemMB) + "M", "--cpus", strconv.Itoa(s.CPUs),
+		"--cmdline", s.cmdline()}
+	if s.RNG {
+		args = append(args, "--rng")
+	}
+	_, err := h.Ferry(ctx, args...)
 	return err
+}
+
+// LastHWRNGRound is the last whole "ferry-linux: hwrng round=N read=B"
+// line of a console: N, and whether B was the 4096 bytes asked for.
+func LastHWRNGRound(con string) (round int, full bool) {
+	lines := strings.Split(con, "\n")
+	for _, l := range lines[:len(lines)-1] { // the last may be still coming
+		var n, b int
+		if _, err := fmt.Sscanf(strings.TrimSpace(l), "ferry-linux: hwrng round=%d read=%d", &n, &b); err == nil {
+			round, full = n, b == 4096
+		}
+	}
+	return round, full
 }
 
 // RunTestGuest starts the bundled test guest under h's daemon.

@@ -113,3 +113,21 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(string(p))
 	return len(p), nil
 }
+
+func TestLastHWRNGRound(t *testing.T) {
+	for _, c := range []struct {
+		con   string
+		round int
+		full  bool
+	}{
+		{"", 0, false},
+		{"ferry-linux: hwrng round=1 read=4096\nferry-linux: hwrng round=2 read=4096\n", 2, true},
+		{"ferry-linux: hwrng round=1 read=4096\nferry-check: beat\nferry-linux: hwrng round=2 read=12\n", 2, false},
+		{"ferry-linux: hwrng round=3 read=4096\nferry-linux: hwrng round=4 read=", 3, true}, // round 4 still coming
+	} {
+		round, full := LastHWRNGRound(c.con)
+		if round != c.round || full != c.full {
+			t.Errorf("LastHWRNGRound(%q) = %d, %v; want %d, %v", c.con, round, full, c.round, c.full)
+		}
+	}
+}
